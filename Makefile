@@ -1,0 +1,29 @@
+# The two commands: `make test` and `make bench`. Each sets everything up on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+
+.PHONY: install test bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.deps: requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip setuptools wheel
+	$(PY) -m pip install -r requirements-dev.txt
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.deps setup.py pyproject.toml $(wildcard csrc/*.h csrc/*.cpp csrc/cuda/*.cu)
+	MAX_JOBS=2 $(PY) -m pip install --no-build-isolation --no-deps -e .
+	$(PY) -c "import tesloss, json; print(json.dumps(tesloss.backend_info()))"
+	touch $@
+
+test: install
+	TESLOSS_REQUIRE_EXTENSION=1 $(PY) -m pytest -q tests
+
+bench: install
+	$(PY) bench/bench_loss.py
+
+clean:
+	rm -rf build $(VENV) tesloss/*.so *.egg-info

@@ -1,0 +1,390 @@
+// The fused TeS loss: op schemas, argument checks, the CPU kernels and their
+// registration. The formulas live in tes_loss.h; this file only moves rows
+// through them, vectorized with at::vec and spread over threads.
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <type_traits>
+
+#include "tes_loss.h"
+
+#ifndef TESLOSS_CPU_CAPABILITY_NAME
+#define TESLOSS_CPU_CAPABILITY_NAME default
+#endif
+#define TESLOSS_STR_(x) #x
+#define TESLOSS_STR(x) TESLOSS_STR_(x)
+
+namespace tesloss {
+
+// Checks shared with the CUDA entry points: the structure of the arguments.
+// Label values are checked inside the kernels, where each label is read anyway.
+void check_forward_args(const at::Tensor& vis_logits, const at::Tensor& txt_logits,
+                        const at::Tensor& target, double tau, int64_t reduction) {
+  TORCH_CHECK(vis_logits.dim() == 2, "fused_tes_loss: vis_logits must be 2-D [B, C], got ",
+              vis_logits.dim(), "-D of shape ", vis_logits.sizes());
+  TORCH_CHECK(txt_logits.sizes() == vis_logits.sizes(),
+              "fused_tes_loss: txt_logits must have the shape of vis_logits ",
+              vis_logits.sizes(), ", got ", txt_logits.sizes());
+  TORCH_CHECK(vis_logits.size(1) > 0, "fused_tes_loss: vis_logits must have C >= 1 classes, got ",
+              vis_logits.sizes());
+  TORCH_CHECK(at::isFloatingType(vis_logits.scalar_type()),
+              "fused_tes_loss: vis_logits must be floating point, got ", vis_logits.scalar_type());
+  TORCH_CHECK(txt_logits.scalar_type() == vis_logits.scalar_type(),
+              "fused_tes_loss: txt_logits must have the dtype of vis_logits (",
+              vis_logits.scalar_type(), "), got ", txt_logits.scalar_type());
+  TORCH_CHECK(target.scalar_type() == at::kLong && target.dim() == 1 &&
+                  target.size(0) == vis_logits.size(0),
+              "fused_tes_loss: target must be int64 of shape [B]=[", vis_logits.size(0),
+              "], got ", target.scalar_type(), " of shape ", target.sizes());
+  TORCH_CHECK(vis_logits.device() == txt_logits.device() && vis_logits.device() == target.device(),
+              "fused_tes_loss: vis_logits, txt_logits and target must be on one device, got ",
+              vis_logits.device(), ", ", txt_logits.device(), " and ", target.device());
+  TORCH_CHECK(tau > 0 && std::isfinite(tau), "fused_tes_loss: tau must be finite and > 0, got ",
+              tau);
+  TORCH_CHECK(reduction >= kReduceNone && reduction <= kReduceSum,
+              "fused_tes_loss: reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
+}
+
+void check_backward_args(const at::Tensor& grad_loss, const at::Tensor& vis_logits,
+                         const at::Tensor& row_stats, const at::Tensor& batch_stats,
+                         int64_t reduction) {
+  const int64_t B = vis_logits.size(0);
+  if (reduction == kReduceNone) {
+    TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == B,
+                "tes_loss_backward: grad_loss must have shape [B]=[", B, "] for reduction none, got ",
+                grad_loss.sizes());
+  } else {
+    TORCH_CHECK(grad_loss.numel() == 1, "tes_loss_backward: grad_loss must be a scalar, got ",
+                grad_loss.sizes());
+  }
+  TORCH_CHECK(row_stats.dim() == 2 && row_stats.size(0) == B && row_stats.size(1) == kNumRowStats,
+              "tes_loss_backward: row_stats must have shape [", B, ", ", int(kNumRowStats),
+              "], got ", row_stats.sizes());
+  TORCH_CHECK(batch_stats.numel() == kNumBatchStats, "tes_loss_backward: batch_stats must have ",
+              int(kNumBatchStats), " entries, got ", batch_stats.sizes());
+}
+
+// The kernels read rows through a row stride; only the class stride must be 1.
+at::Tensor with_unit_class_stride(const at::Tensor& logits) {
+  return (logits.size(1) <= 1 || logits.stride(1) == 1) ? logits : logits.contiguous();
+}
+
+at::ScalarType acc_scalar_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+namespace {
+
+using at::vec::Vectorized;
+
+template <typename scalar_t>
+using acc_t_of = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+// Loads one vector of the accumulation type; half types widen to float.
+template <typename acc_t, typename scalar_t>
+inline Vectorized<acc_t> load_acc(const scalar_t* ptr) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return Vectorized<acc_t>::loadu(ptr);
+  } else {
+    Vectorized<float> out;
+    at::vec::load_to_float(ptr, out);
+    return out;
+  }
+}
+
+// Stores one vector of the accumulation type as scalar_t, rounding once.
+template <typename scalar_t, typename acc_t>
+inline void store_acc(scalar_t* ptr, const Vectorized<acc_t>& v) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    v.store(ptr);
+  } else {
+    at::vec::convert_from_float<scalar_t>(v, v).store(ptr, Vectorized<float>::size());
+  }
+}
+
+template <typename acc_t>
+inline acc_t lane_sum(const Vectorized<acc_t>& v) {
+  alignas(64) acc_t lanes[Vectorized<acc_t>::size()];
+  v.store(lanes);
+  acc_t total = 0;
+  for (int k = 0; k < Vectorized<acc_t>::size(); ++k) total += lanes[k];
+  return total;
+}
+
+template <typename acc_t>
+inline acc_t lane_max(const Vectorized<acc_t>& v, acc_t init) {
+  alignas(64) acc_t lanes[Vectorized<acc_t>::size()];
+  v.store(lanes);
+  for (int k = 0; k < Vectorized<acc_t>::size(); ++k) init = nan_max(init, lanes[k]);
+  return init;
+}
+
+template <typename acc_t>
+void check_label(int64_t label, int64_t row, int64_t num_classes, const Params<acc_t>& p) {
+  TORCH_CHECK_INDEX(is_ignored(label, p) || is_valid_label<acc_t>(label, num_classes),
+                    "fused_tes_loss: target[", row, "] = ", label,
+                    " is out of range: expected a class index in [0, ", num_classes,
+                    ") or ignore_index (", p.ignore_index, ")");
+}
+
+// Columns per block. A block's z and s (as acc_t) stay in L1 between its two
+// sweeps, so the row is read from memory once.
+constexpr int64_t kBlock = 1024;
+
+// One row of the forward: the online softmax, a block of columns at a time.
+// Sweep 1 widens and scales the block into a buffer and finds its maxima;
+// sweep 2 sums the exponentials from the buffer. Padding the buffer's last
+// vector with -inf makes the padded lanes contribute exactly 0.
+template <typename scalar_t, typename acc_t>
+void forward_row(const scalar_t* vis, const scalar_t* txt, int64_t C, int64_t label,
+                 const Params<acc_t>& p, acc_t* out) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
+  constexpr acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  alignas(64) acc_t vis_buf[kBlock];
+  alignas(64) acc_t txt_buf[kBlock];
+  const Vec inv_tau(p.inv_tau);
+
+  RowState<acc_t> row = row_state_empty<acc_t>();
+  for (int64_t start = 0; start < C; start += kBlock) {
+    const int64_t n = std::min(kBlock, C - start);
+    const int64_t n_full = n - n % W;
+    Vec max_vis_v(neg_inf), max_txt_v(neg_inf);
+    for (int64_t j = 0; j < n_full; j += W) {
+      const Vec z = load_acc<acc_t>(vis + start + j);
+      const Vec s = load_acc<acc_t>(txt + start + j) * inv_tau;
+      z.store(vis_buf + j);
+      s.store(txt_buf + j);
+      max_vis_v = at::vec::maximum(max_vis_v, z);
+      max_txt_v = at::vec::maximum(max_txt_v, s);
+    }
+    acc_t max_vis = lane_max(max_vis_v, neg_inf);
+    acc_t max_txt = lane_max(max_txt_v, neg_inf);
+    const int64_t n_padded = (n + W - 1) / W * W;
+    for (int64_t j = n_full; j < n_padded; ++j) {
+      const bool in_row = j < n;
+      vis_buf[j] = in_row ? static_cast<acc_t>(vis[start + j]) : neg_inf;
+      txt_buf[j] = in_row ? static_cast<acc_t>(txt[start + j]) * p.inv_tau : neg_inf;
+      if (in_row) {
+        max_vis = nan_max(max_vis, vis_buf[j]);
+        max_txt = nan_max(max_txt, txt_buf[j]);
+      }
+    }
+
+    const Vec max_vis_b(max_vis), max_txt_b(max_txt);
+    Vec sum_vis(0), sum_txt(0), dot_vis(0), dot_txt(0);
+    for (int64_t j = 0; j < n_padded; j += W) {
+      const Vec z = Vec::loadu(vis_buf + j);
+      const Vec s = Vec::loadu(txt_buf + j);
+      sum_vis += tes_exp(z - max_vis_b);
+      const Vec e = tes_exp(s - max_txt_b);
+      sum_txt += e;
+      dot_vis += weighted(e, z);
+      dot_txt += weighted(e, s);
+    }
+    const RowState<acc_t> block{max_vis, lane_sum(sum_vis), max_txt,
+                                lane_sum(sum_txt), lane_sum(dot_vis), lane_sum(dot_txt)};
+    row = row_state_merge(row, block);
+  }
+  const acc_t z_label = static_cast<acc_t>(vis[label]);
+  const acc_t s_label = static_cast<acc_t>(txt[label]) * p.inv_tau;
+  row_finalize(row, z_label, s_label, p, out);
+}
+
+// One row of the backward: reads z and t once, writes both gradients once.
+template <typename scalar_t, typename acc_t>
+void backward_row(const scalar_t* vis, const scalar_t* txt, int64_t C, int64_t label,
+                  acc_t g, const acc_t* stats, const Params<acc_t>& p, scalar_t* grad_vis,
+                  scalar_t* grad_txt) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
+  const acc_t lse_vis = stats[kRowLseVis];
+  const acc_t lse_txt = stats[kRowLseTxt];
+  const acc_t one_minus_lambda_v = acc_t(1) - p.lambda_v;
+  const acc_t g_txt = g * p.lambda_t * p.inv_tau;
+
+  const Vec lse_vis_v(lse_vis), lse_txt_v(lse_txt), g_v(g), g_txt_v(g_txt);
+  const Vec lambda_v_v(p.lambda_v), one_minus_v(one_minus_lambda_v), zero(0), inv_tau(p.inv_tau);
+  const int64_t n_full = C - C % W;
+  for (int64_t j = 0; j < n_full; j += W) {
+    const Vec p_v = softmax_prob(load_acc<acc_t>(vis + j), lse_vis_v);
+    const Vec p_ref = softmax_prob(load_acc<acc_t>(txt + j) * inv_tau, lse_txt_v);
+    store_acc(grad_vis + j, vis_grad(p_v, p_ref, zero, g_v, lambda_v_v, one_minus_v));
+    store_acc(grad_txt + j, txt_grad(p_ref, zero, g_txt_v));
+  }
+  for (int64_t j = n_full; j < C; ++j) {
+    const acc_t onehot = j == label ? acc_t(1) : acc_t(0);
+    const acc_t p_v = softmax_prob(static_cast<acc_t>(vis[j]), lse_vis);
+    const acc_t p_ref = softmax_prob(static_cast<acc_t>(txt[j]) * p.inv_tau, lse_txt);
+    grad_vis[j] = static_cast<scalar_t>(
+        vis_grad(p_v, p_ref, onehot, g, p.lambda_v, one_minus_lambda_v));
+    grad_txt[j] = static_cast<scalar_t>(txt_grad(p_ref, onehot, g_txt));
+  }
+  if (label < n_full) {  // the label's column went through the vector loop with onehot = 0
+    const acc_t p_v = softmax_prob(static_cast<acc_t>(vis[label]), lse_vis);
+    const acc_t p_ref = softmax_prob(static_cast<acc_t>(txt[label]) * p.inv_tau, lse_txt);
+    grad_vis[label] = static_cast<scalar_t>(
+        vis_grad(p_v, p_ref, acc_t(1), g, p.lambda_v, one_minus_lambda_v));
+    grad_txt[label] = static_cast<scalar_t>(txt_grad(p_ref, acc_t(1), g_txt));
+  }
+}
+
+// Rows per task, so that a task holds about 64K columns.
+int64_t row_grain(int64_t C) { return std::max<int64_t>(1, (int64_t(1) << 16) / C); }
+
+template <typename acc_t>
+Params<acc_t> make_params(double tau, double lambda_v, double lambda_t, int64_t ignore_index) {
+  return Params<acc_t>{static_cast<acc_t>(1.0 / tau), static_cast<acc_t>(lambda_v),
+                       static_cast<acc_t>(lambda_t), ignore_index};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> tes_loss_forward_cpu(
+    const at::Tensor& vis_logits_in, const at::Tensor& txt_logits_in, const at::Tensor& target,
+    double tau, double lambda_v, double lambda_t, int64_t ignore_index, int64_t reduction) {
+  check_forward_args(vis_logits_in, txt_logits_in, target, tau, reduction);
+  const at::Tensor vis_logits = with_unit_class_stride(vis_logits_in);
+  const at::Tensor txt_logits = with_unit_class_stride(txt_logits_in);
+  const int64_t B = vis_logits.size(0);
+  const int64_t C = vis_logits.size(1);
+  const auto acc_options = vis_logits.options().dtype(acc_scalar_type(vis_logits.scalar_type()));
+  at::Tensor row_stats = at::empty({B, kNumRowStats}, acc_options);
+  at::Tensor batch_stats = at::empty({kNumBatchStats}, acc_options);
+  at::Tensor loss = reduction == kReduceNone ? at::empty({B}, acc_options)
+                                             : at::empty({}, acc_options);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, vis_logits.scalar_type(), "tes_loss_forward_cpu", [&] {
+        using acc_t = acc_t_of<scalar_t>;
+        const auto p = make_params<acc_t>(tau, lambda_v, lambda_t, ignore_index);
+        const scalar_t* vis = vis_logits.const_data_ptr<scalar_t>();
+        const scalar_t* txt = txt_logits.const_data_ptr<scalar_t>();
+        const int64_t vis_stride = vis_logits.stride(0);
+        const int64_t txt_stride = txt_logits.stride(0);
+        const int64_t* labels = target.const_data_ptr<int64_t>();
+        const int64_t label_stride = target.stride(0);
+        acc_t* stats = row_stats.mutable_data_ptr<acc_t>();
+
+        at::parallel_for(0, B, row_grain(C), [&](int64_t begin, int64_t end) {
+          for (int64_t i = begin; i < end; ++i) {
+            const int64_t label = labels[i * label_stride];
+            check_label(label, i, C, p);
+            acc_t* out = stats + i * kNumRowStats;
+            if (is_ignored(label, p)) {
+              row_ignored(out);
+            } else {
+              forward_row(vis + i * vis_stride, txt + i * txt_stride, C, label, p, out);
+            }
+          }
+        });
+
+        // The batch reduction runs over rows in order, so results do not
+        // depend on the thread count.
+        acc_t sums[kNumRowStats] = {};
+        acc_t num_valid = 0;
+        acc_t* loss_rows = reduction == kReduceNone ? loss.mutable_data_ptr<acc_t>() : nullptr;
+        for (int64_t i = 0; i < B; ++i) {
+          const acc_t* row = stats + i * kNumRowStats;
+          if (loss_rows) loss_rows[i] = row[kRowLoss];
+          if (is_ignored(labels[i * label_stride], p)) continue;
+          num_valid += 1;
+          for (int k = 0; k < kNumRowStats; ++k) sums[k] += row[k];
+        }
+        batch_finalize(sums, num_valid, reduction,
+                       loss_rows ? nullptr : loss.mutable_data_ptr<acc_t>(),
+                       batch_stats.mutable_data_ptr<acc_t>());
+      });
+  return {loss, row_stats, batch_stats};
+}
+
+std::tuple<at::Tensor, at::Tensor> tes_loss_backward_cpu(
+    const at::Tensor& grad_loss_in, const at::Tensor& vis_logits_in,
+    const at::Tensor& txt_logits_in, const at::Tensor& target, const at::Tensor& row_stats_in,
+    const at::Tensor& batch_stats_in, double tau, double lambda_v, double lambda_t,
+    int64_t ignore_index, int64_t reduction) {
+  check_forward_args(vis_logits_in, txt_logits_in, target, tau, reduction);
+  check_backward_args(grad_loss_in, vis_logits_in, row_stats_in, batch_stats_in, reduction);
+  const at::Tensor vis_logits = with_unit_class_stride(vis_logits_in);
+  const at::Tensor txt_logits = with_unit_class_stride(txt_logits_in);
+  const auto acc_type = acc_scalar_type(vis_logits.scalar_type());
+  const at::Tensor grad_loss = grad_loss_in.to(acc_type);
+  const at::Tensor row_stats = row_stats_in.to(acc_type).contiguous();
+  const at::Tensor batch_stats = batch_stats_in.to(acc_type).contiguous();
+  const int64_t B = vis_logits.size(0);
+  const int64_t C = vis_logits.size(1);
+  at::Tensor grad_vis = at::empty({B, C}, vis_logits.options());
+  at::Tensor grad_txt = at::empty({B, C}, txt_logits.options());
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, vis_logits.scalar_type(), "tes_loss_backward_cpu", [&] {
+        using acc_t = acc_t_of<scalar_t>;
+        const auto p = make_params<acc_t>(tau, lambda_v, lambda_t, ignore_index);
+        const scalar_t* vis = vis_logits.const_data_ptr<scalar_t>();
+        const scalar_t* txt = txt_logits.const_data_ptr<scalar_t>();
+        const int64_t vis_stride = vis_logits.stride(0);
+        const int64_t txt_stride = txt_logits.stride(0);
+        const int64_t* labels = target.const_data_ptr<int64_t>();
+        const int64_t label_stride = target.stride(0);
+        const acc_t* stats = row_stats.const_data_ptr<acc_t>();
+        const acc_t* grad_out = grad_loss.const_data_ptr<acc_t>();
+        const int64_t grad_stride = grad_loss.dim() == 1 ? grad_loss.stride(0) : 0;
+        const acc_t num_valid = batch_stats.const_data_ptr<acc_t>()[kBatchValid];
+        scalar_t* gv = grad_vis.mutable_data_ptr<scalar_t>();
+        scalar_t* gt = grad_txt.mutable_data_ptr<scalar_t>();
+
+        at::parallel_for(0, B, row_grain(C), [&](int64_t begin, int64_t end) {
+          for (int64_t i = begin; i < end; ++i) {
+            const int64_t label = labels[i * label_stride];
+            check_label(label, i, C, p);
+            if (is_ignored(label, p)) {
+              std::fill_n(gv + i * C, C, scalar_t(0));
+              std::fill_n(gt + i * C, C, scalar_t(0));
+              continue;
+            }
+            const acc_t g = row_upstream_grad(grad_out, grad_stride, i, reduction, num_valid);
+            backward_row(vis + i * vis_stride, txt + i * txt_stride, C, label, g,
+                         stats + i * kNumRowStats, p, gv + i * C, gt + i * C);
+          }
+        });
+      });
+  return {grad_vis, grad_txt};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(tesloss, m) {
+  // Per-row losses (or their mean / sum), the per-row statistics the backward
+  // and the logged parts need, and [count of rows not ignored, mean parts].
+  m.def(
+      "tes_loss_forward(Tensor vis_logits, Tensor txt_logits, Tensor target, float tau, "
+      "float lambda_v, float lambda_t, int ignore_index, int reduction) "
+      "-> (Tensor loss, Tensor row_stats, Tensor batch_stats)");
+  m.def(
+      "tes_loss_backward(Tensor grad_loss, Tensor vis_logits, Tensor txt_logits, Tensor target, "
+      "Tensor row_stats, Tensor batch_stats, float tau, float lambda_v, float lambda_t, "
+      "int ignore_index, int reduction) -> (Tensor grad_vis_logits, Tensor grad_txt_logits)");
+}
+
+TORCH_LIBRARY_IMPL(tesloss, CPU, m) {
+  m.impl("tes_loss_forward", &tes_loss_forward_cpu);
+  m.impl("tes_loss_backward", &tes_loss_backward_cpu);
+}
+
+}  // namespace tesloss
+
+// A Python module with no functions of its own: importing it runs the
+// registrations above. It records how the CPU kernels were compiled.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  PyObject* module = PyModule_Create(&module_def);
+  if (module != nullptr) {
+    PyModule_AddStringConstant(module, "cpu_capability", TESLOSS_STR(TESLOSS_CPU_CAPABILITY_NAME));
+  }
+  return module;
+}

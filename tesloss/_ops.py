@@ -1,0 +1,110 @@
+"""Loads the compiled library and tells torch how to trace and differentiate its ops."""
+import os
+
+import torch
+
+_LOAD_ERROR = None
+_CPU_CAPABILITY = None
+
+# Order of ATen's x86 vector capabilities: a build for one runs on it and above.
+_CAPABILITY_RANK = {"default": 0, "avx2": 1, "avx512": 2}
+
+
+def _load():
+    global _LOAD_ERROR, _CPU_CAPABILITY
+    try:
+        from . import _C
+    except ImportError as error:  # not built, or built against another torch
+        _LOAD_ERROR = f"{type(error).__name__}: {error}"
+        return False
+    _CPU_CAPABILITY = _C.cpu_capability
+    here = torch.backends.cpu.get_cpu_capability().lower()
+    if _CAPABILITY_RANK.get(_CPU_CAPABILITY, 0) > _CAPABILITY_RANK.get(here, 0):
+        _LOAD_ERROR = (
+            f"tesloss._C was compiled for {_CPU_CAPABILITY} but this CPU reports {here}; "
+            "rebuild here, or with TESLOSS_CPU_CAPABILITY set to what every machine has"
+        )
+        return False
+    return True
+
+
+LOADED = _load()
+LOAD_ERROR = _LOAD_ERROR
+CPU_CAPABILITY = _CPU_CAPABILITY
+BUILD_HINT = "build it with: pip install --no-build-isolation -e .  (or: make install)"
+
+
+def has_kernel(device_type: str) -> bool:
+    """Whether the compiled library has kernels for tensors on `device_type`."""
+    if not LOADED:
+        return False
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "tesloss::tes_loss_forward", key
+    )
+
+
+def backend_info() -> dict:
+    """Whether the compiled extension is loaded, and what it has kernels for.
+
+    Keys: ``extension_loaded``, ``load_error`` (why not, or None),
+    ``devices`` (device types with compiled kernels), ``cpu_capability``
+    (the vector ISA the CPU kernels were built for) and ``cuda_compiled``.
+    """
+    devices = [d for d in ("cpu", "cuda") if has_kernel(d)]
+    return {
+        "extension_loaded": LOADED,
+        "load_error": LOAD_ERROR,
+        "devices": devices,
+        "cpu_capability": CPU_CAPABILITY,
+        "cuda_compiled": "cuda" in devices,
+    }
+
+
+def extension_required() -> bool:
+    return os.environ.get("TESLOSS_REQUIRE_EXTENSION", "") not in ("", "0")
+
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+if LOADED:
+    NUM_ROW_STATS = 6
+    NUM_BATCH_STATS = 4
+
+    @torch.library.register_fake("tesloss::tes_loss_forward")
+    def _forward_fake(vis_logits, txt_logits, target, tau, lambda_v, lambda_t, ignore_index,
+                      reduction):
+        acc = _acc_dtype(vis_logits.dtype)
+        batch = vis_logits.shape[0]
+        loss = vis_logits.new_empty((batch,) if reduction == 0 else (), dtype=acc)
+        row_stats = vis_logits.new_empty((batch, NUM_ROW_STATS), dtype=acc)
+        batch_stats = vis_logits.new_empty((NUM_BATCH_STATS,), dtype=acc)
+        return loss, row_stats, batch_stats
+
+    @torch.library.register_fake("tesloss::tes_loss_backward")
+    def _backward_fake(grad_loss, vis_logits, txt_logits, target, row_stats, batch_stats, tau,
+                       lambda_v, lambda_t, ignore_index, reduction):
+        shape = vis_logits.shape
+        return vis_logits.new_empty(shape), txt_logits.new_empty(shape)
+
+    def _setup_context(ctx, inputs, output):
+        vis_logits, txt_logits, target, *params = inputs
+        _, row_stats, batch_stats = output
+        ctx.save_for_backward(vis_logits, txt_logits, target, row_stats, batch_stats)
+        ctx.params = params
+        ctx.mark_non_differentiable(row_stats, batch_stats)
+
+    def _backward(ctx, grad_loss, _grad_row_stats, _grad_batch_stats):
+        vis_logits, txt_logits, target, row_stats, batch_stats = ctx.saved_tensors
+        grad_vis, grad_txt = torch.ops.tesloss.tes_loss_backward(
+            grad_loss, vis_logits, txt_logits, target, row_stats, batch_stats, *ctx.params
+        )
+        needs = ctx.needs_input_grad
+        return (grad_vis if needs[0] else None, grad_txt if needs[1] else None,
+                None, None, None, None, None, None)
+
+    torch.library.register_autograd(
+        "tesloss::tes_loss_forward", _backward, setup_context=_setup_context
+    )

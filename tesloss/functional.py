@@ -1,0 +1,146 @@
+"""fused_tes_loss: argument checks, then the compiled op (or, if it is missing, the reference)."""
+import math
+import numbers
+import warnings
+from typing import NamedTuple
+
+import torch
+
+from . import _ops
+
+_REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}  # at::Reduction's numbering
+
+
+class Parts(NamedTuple):
+    """Detached batch means over the rows that are not ignored, for logging."""
+
+    ce_vision: torch.Tensor  # CE(vis_logits, target)
+    kl_ref: torch.Tensor  # KL(p_ref || softmax(vis_logits))
+    ce_text: torch.Tensor  # CE(txt_logits / tau, target)
+
+
+def fused_tes_loss(vis_logits, txt_logits, target, *, tau=0.03, lambda_v=0.1, lambda_t=0.3,
+                   ignore_index=-100, reduction="mean", return_parts=False):
+    """The TeS loss of a batch, fused into one pass over the logits.
+
+    For each row i whose target is not ``ignore_index``, with z = vis_logits[i],
+    s = txt_logits[i] / tau and y = target[i]::
+
+        p_ref  = softmax(s)                                  (no gradient)
+        q      = lambda_v * p_ref + (1 - lambda_v) * onehot(y)
+        loss_i = CE(z, q) + lambda_t * CE(s, y)
+
+    Args:
+        vis_logits: [B, C] floating-point logits of the vision classifier.
+        txt_logits: [B, C] logits of the fixed text classifier (cosine
+            similarities), before division by ``tau``. A dtype that differs
+            from ``vis_logits`` is promoted to the common one.
+        target: [B] int64 class indices, or ``ignore_index``.
+        tau: temperature of the text logits, > 0.
+        lambda_v: weight of the text reference in the soft target, in [0, 1].
+        lambda_t: weight of the text cross-entropy, >= 0.
+        ignore_index: rows with this target add 0 loss and 0 gradient.
+        reduction: "mean" over rows not ignored (nan if there are none),
+            "sum", or "none" for the [B] per-row losses.
+        return_parts: also return a :class:`Parts` of detached batch means.
+
+    Returns:
+        The loss, float32 (float64 for float64 inputs); with ``return_parts``,
+        ``(loss, parts)``. Gradients reach ``vis_logits`` and ``txt_logits``
+        in their own dtypes.
+    """
+    vis_logits, txt_logits = _check(vis_logits, txt_logits, target, tau, lambda_v, lambda_t,
+                                    ignore_index, reduction)
+    if not _ops.has_kernel(vis_logits.device.type):
+        return _fallback(vis_logits, txt_logits, target, tau=tau, lambda_v=lambda_v,
+                         lambda_t=lambda_t, ignore_index=ignore_index, reduction=reduction,
+                         return_parts=return_parts)
+    loss, _, batch_stats = torch.ops.tesloss.tes_loss_forward(
+        vis_logits, txt_logits, target, float(tau), float(lambda_v), float(lambda_t),
+        int(ignore_index), _REDUCTIONS[reduction],
+    )
+    if not return_parts:
+        return loss
+    return loss, Parts(batch_stats[1], batch_stats[2], batch_stats[3])
+
+
+def _check(vis_logits, txt_logits, target, tau, lambda_v, lambda_t, ignore_index, reduction):
+    """Validates everything but label values (the kernels check those as they read them)."""
+    for name, logits in (("vis_logits", vis_logits), ("txt_logits", txt_logits)):
+        if not isinstance(logits, torch.Tensor):
+            raise TypeError(f"fused_tes_loss: {name} must be a torch.Tensor of shape [B, C], "
+                            f"got {type(logits).__name__}")
+        if not logits.is_floating_point():
+            raise TypeError(f"fused_tes_loss: {name} must be floating point, got {logits.dtype}")
+        if logits.dim() != 2:
+            raise ValueError(f"fused_tes_loss: {name} must be 2-D [B, C], "
+                             f"got shape {list(logits.shape)}")
+    if txt_logits.shape != vis_logits.shape:
+        raise ValueError(f"fused_tes_loss: txt_logits must have the shape of vis_logits "
+                         f"{list(vis_logits.shape)}, got {list(txt_logits.shape)}")
+    batch, num_classes = vis_logits.shape
+    if num_classes == 0:
+        raise ValueError(f"fused_tes_loss: vis_logits must have C >= 1 classes, "
+                         f"got shape {list(vis_logits.shape)}")
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"fused_tes_loss: target must be a torch.Tensor of int64 class indices "
+                        f"of shape [B]=[{batch}], got {type(target).__name__}")
+    if target.dtype != torch.int64 or target.shape != (batch,):
+        kind = TypeError if target.dtype != torch.int64 else ValueError
+        raise kind(f"fused_tes_loss: target must be int64 of shape [B]=[{batch}], "
+                   f"got {str(target.dtype).replace('torch.', '')} of shape {list(target.shape)}")
+    if not (vis_logits.device == txt_logits.device == target.device):
+        raise ValueError(f"fused_tes_loss: vis_logits, txt_logits and target must be on one "
+                         f"device, got {vis_logits.device}, {txt_logits.device} and {target.device}")
+    _check_number("tau", tau, "a finite number > 0", lambda v: 0 < v < math.inf)
+    _check_number("lambda_v", lambda_v, "a number in [0, 1]", lambda v: 0 <= v <= 1)
+    _check_number("lambda_t", lambda_t, "a finite number >= 0", lambda v: 0 <= v < math.inf)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"fused_tes_loss: ignore_index must be an int, got {ignore_index!r}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"fused_tes_loss: reduction must be one of {list(_REDUCTIONS)}, "
+                         f"got {reduction!r}")
+    if vis_logits.dtype != txt_logits.dtype:
+        common = torch.promote_types(vis_logits.dtype, txt_logits.dtype)
+        vis_logits, txt_logits = vis_logits.to(common), txt_logits.to(common)
+    return vis_logits, txt_logits
+
+
+def _check_number(name, value, expected, ok):
+    # A tensor is refused too: reading its value would synchronize with the device.
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"fused_tes_loss: {name} must be {expected} (a Python number), "
+                        f"got {type(value).__name__}")
+    if not ok(float(value)):  # nan fails every comparison
+        raise ValueError(f"fused_tes_loss: {name} must be {expected}, got {value!r}")
+
+
+_warned_fallback = set()
+
+
+def _fallback(vis_logits, txt_logits, target, **kwargs):
+    device = vis_logits.device.type
+    reason = _ops.LOAD_ERROR or f"it has no kernels for {device} tensors"
+    message = (f"tesloss: the compiled extension is not used ({reason}); "
+               f"running the pure-PyTorch reference instead, which is slower. "
+               f"{_ops.BUILD_HINT}")
+    if _ops.extension_required():
+        raise RuntimeError(message.replace("running the pure-PyTorch reference instead, which "
+                                           "is slower.", "TESLOSS_REQUIRE_EXTENSION is set."))
+    if device not in _warned_fallback:
+        _warned_fallback.add(device)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+    if device == "cpu":  # the reference's own index errors are less clear; a CPU check is free
+        _check_labels(target, vis_logits.shape[1], kwargs["ignore_index"])
+    from .reference import tes_loss
+
+    return tes_loss(vis_logits, txt_logits, target, **kwargs)
+
+
+def _check_labels(target, num_classes, ignore_index):
+    bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
+    if bad.any():
+        row = int(bad.nonzero()[0, 0])
+        raise IndexError(f"fused_tes_loss: target[{row}] = {int(target[row])} is out of range: "
+                         f"expected a class index in [0, {num_classes}) or ignore_index "
+                         f"({ignore_index})")

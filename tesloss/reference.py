@@ -1,0 +1,54 @@
+"""The published TeS recipe, literally, in plain PyTorch.
+
+It follows the authors' ``TeS_loss`` (idstcv/TeS): soft labels built under
+``no_grad`` from the text logits, ``nn.CrossEntropyLoss`` with those
+probability targets for the vision term, and a hard-label cross-entropy of the
+text logits over ``tau``. Ignored rows and the reductions are added the way
+``torch.nn.functional.cross_entropy`` has them. Tests and the benchmark compare
+the fused op against this function.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .functional import Parts
+
+
+def tes_loss(vis_logits, txt_logits, target, *, tau=0.03, lambda_v=0.1, lambda_t=0.3,
+             ignore_index=-100, reduction="mean", return_parts=False):
+    valid = target != ignore_index
+    label = torch.where(valid, target, 0)  # any class: ignored rows are dropped below
+    logits_text = txt_logits / tau
+
+    with torch.no_grad():
+        soft_label = lambda_v * torch.softmax(logits_text, dim=1)
+        soft_label[torch.arange(len(target), device=target.device), label] += 1.0 - lambda_v
+
+    criterion = nn.CrossEntropyLoss(reduction="none")
+    loss_vision = criterion(vis_logits, soft_label)
+    loss_text = F.cross_entropy(logits_text, target, ignore_index=ignore_index, reduction="none")
+    rows = torch.where(valid, loss_vision + lambda_t * loss_text, 0.0)
+
+    num_valid = valid.sum()
+    if reduction == "none":
+        loss = rows
+    elif reduction == "sum":
+        loss = rows.sum()
+    elif reduction == "mean":
+        loss = rows.sum() / num_valid
+    else:
+        raise ValueError(f"tes_loss: reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
+    if not return_parts:
+        return loss
+
+    with torch.no_grad():
+        log_p_vis = F.log_softmax(vis_logits, dim=1)
+        log_p_ref = F.log_softmax(logits_text, dim=1)
+        ce_vision = F.cross_entropy(vis_logits, target, ignore_index=ignore_index, reduction="none")
+        kl_ref = F.kl_div(log_p_vis, log_p_ref, log_target=True, reduction="none").sum(dim=1)
+
+        def batch_mean(per_row):
+            return torch.where(valid, per_row, 0.0).sum() / num_valid
+
+        parts = Parts(batch_mean(ce_vision), batch_mean(kl_ref), batch_mean(loss_text.detach()))
+    return loss, parts
