@@ -34,14 +34,22 @@ CPU_CAPABILITY = _CPU_CAPABILITY
 BUILD_HINT = "build it with: pip install --no-build-isolation -e .  (or: make install)"
 
 
+def _kernel_devices():
+    if not LOADED:
+        return frozenset()
+    return frozenset(
+        device for device, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+        if torch._C._dispatch_has_kernel_for_dispatch_key("tesloss::tes_loss_forward", key)
+    )
+
+
+# Read once: a dispatcher query inside fused_tes_loss would break torch.compile graphs.
+KERNEL_DEVICES = _kernel_devices()
+
+
 def has_kernel(device_type: str) -> bool:
     """Whether the compiled library has kernels for tensors on `device_type`."""
-    if not LOADED:
-        return False
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "tesloss::tes_loss_forward", key
-    )
+    return device_type in KERNEL_DEVICES
 
 
 def backend_info() -> dict:
@@ -51,7 +59,7 @@ def backend_info() -> dict:
     ``devices`` (device types with compiled kernels), ``cpu_capability``
     (the vector ISA the CPU kernels were built for) and ``cuda_compiled``.
     """
-    devices = [d for d in ("cpu", "cuda") if has_kernel(d)]
+    devices = sorted(KERNEL_DEVICES)
     return {
         "extension_loaded": LOADED,
         "load_error": LOAD_ERROR,

@@ -1,0 +1,205 @@
+"""Shared pieces of the test suite: the one tolerance table, the Hypothesis
+strategy that draws TeS problems, and the comparison against the reference.
+
+Every comparison is against ``tesloss.reference.tes_loss`` run in float64 on
+the same (exactly up-cast) inputs.
+"""
+import dataclasses
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+
+import tesloss
+from tesloss.reference import tes_loss as reference_tes_loss
+
+settings.register_profile(
+    "default", deadline=None, max_examples=150, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+# CI draws the same examples every run, so a red CI is always reproducible.
+settings.register_profile("ci", parent=settings.get_profile("default"), derandomize=True)
+settings.load_profile("ci" if os.environ.get("CI") else "default")
+
+# The one tolerance table. Full-precision dtypes are compared with the fp64
+# reference as |fused - ref| <= atol * scale + rtol * |ref|, where `scale` is the
+# size of what rounding acts on (see Tolerance.scales). Half types follow the
+# relative rule in HALF_RULE instead.
+@dataclasses.dataclass(frozen=True)
+class Tolerance:
+    rtol: float
+    atol: float
+
+
+TOLERANCES = {
+    torch.float64: Tolerance(rtol=1e-12, atol=1e-12),
+    torch.float32: Tolerance(rtol=1e-5, atol=1e-5),
+}
+# bf16 / fp16: the fused error against fp64 may be at most FACTOR times the
+# error of the reference computed in that dtype, plus the fp32 floor (the fused
+# op accumulates in fp32, so it cannot beat fp32).
+HALF_RULE_FACTOR = 2.0
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+ALL_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+REDUCTIONS = ("mean", "sum", "none")
+
+
+@dataclasses.dataclass
+class Case:
+    vis_logits: torch.Tensor
+    txt_logits: torch.Tensor
+    target: torch.Tensor
+    grad_out: torch.Tensor
+    kwargs: dict
+
+    @property
+    def shape(self):
+        return tuple(self.vis_logits.shape)
+
+    def leaves(self, dtype=None):
+        """Fresh leaf copies (same layout) that require grad, optionally cast."""
+        out = []
+        for x in (self.vis_logits, self.txt_logits):
+            y = x if dtype is None else _cast_keep_layout(x, dtype)
+            y = y.detach().clone() if y is x else y.detach()
+            out.append(y.requires_grad_())
+        return out
+
+
+def _cast_keep_layout(x, dtype):
+    # Cast while keeping row strides, so strided cases stay strided.
+    base = torch.empty_strided(x.shape, x.stride(), dtype=dtype, device=x.device)
+    return base.copy_(x)
+
+
+@st.composite
+def tes_cases(draw, dtype, max_b=64, max_c=4096, device="cpu"):
+    """A TeS problem: logits, labels, parameters, layout and upstream gradient."""
+    batch = draw(st.integers(0, max_b))
+    num_classes = draw(st.one_of(st.integers(1, 40), st.integers(1, max_c),
+                                 st.sampled_from([15, 16, 17, 1000, 1024, max_c])))
+    seed = draw(st.integers(0, 2**31 - 1))
+    vis_scale = draw(st.sampled_from([1.0, 8.0, 100.0, 1e4]))
+    # Cosine similarities lie in [-1, 1]; larger text logits are drawn too, but
+    # not for fp16, whose range t / tau would leave in the reference.
+    txt_scale = draw(st.sampled_from([1.0] if dtype == torch.float16 else [1.0, 1.0, 50.0]))
+    very_negative = draw(st.booleans())
+    tau = draw(st.one_of(st.sampled_from([1e-3, 0.03, 1.0, 10.0]),
+                         st.floats(1e-3, 10.0)))
+    lambda_v = draw(st.one_of(st.sampled_from([0.0, 0.1, 1.0]), st.floats(0.0, 1.0)))
+    lambda_t = draw(st.one_of(st.sampled_from([0.0, 0.3, 1.0]), st.floats(0.0, 1.0)))
+    reduction = draw(st.sampled_from(REDUCTIONS))
+    ignore_index = draw(st.sampled_from([-100, -1, 0]))
+    ignore_fraction = draw(st.sampled_from([0.0, 0.25, 1.0]))
+    layout = draw(st.sampled_from(["contiguous", "row_strided", "transposed"]))
+
+    gen = torch.Generator().manual_seed(seed)
+    vis = torch.randn(batch, num_classes, generator=gen, dtype=torch.float64) * vis_scale
+    txt = (torch.rand(batch, num_classes, generator=gen, dtype=torch.float64) * 2 - 1) * txt_scale
+    if very_negative and num_classes > 1:
+        mask = torch.rand(batch, num_classes, generator=gen) < 0.3
+        vis = vis.masked_fill(mask, -1e4)
+    target = torch.randint(0, num_classes, (batch,), generator=gen)
+    ignored = torch.rand(batch, generator=gen) < ignore_fraction
+    target = torch.where(ignored, torch.full_like(target, ignore_index), target)
+    if reduction == "none":
+        grad_out = torch.randn(batch, generator=gen, dtype=torch.float64)
+    else:
+        grad_out = torch.tensor(draw(st.sampled_from([1.0, 0.37, -2.5])), dtype=torch.float64)
+
+    vis, txt = (_layout(x.to(dtype), layout).to(device) for x in (vis, txt))
+    kwargs = dict(tau=tau, lambda_v=lambda_v, lambda_t=lambda_t, ignore_index=ignore_index,
+                  reduction=reduction)
+    return Case(vis, txt, target.to(device), grad_out.to(device), kwargs)
+
+
+def _layout(x, layout):
+    if layout == "row_strided":  # rows 3 elements apart beyond their length: no copy needed
+        padded = torch.zeros(x.shape[0], x.shape[1] + 3, dtype=x.dtype)
+        padded[:, : x.shape[1]] = x
+        return padded[:, : x.shape[1]]
+    if layout == "transposed":  # class stride != 1: the op makes one contiguous copy
+        return x.t().contiguous().t()
+    return x
+
+
+def run(loss_fn, case, dtype=None, **extra):
+    """Loss and both gradients of `loss_fn` on the case, inputs cast to `dtype`."""
+    vis, txt = case.leaves(dtype)
+    loss = loss_fn(vis, txt, case.target, **case.kwargs, **extra)
+    loss.backward(case.grad_out.to(loss.dtype))
+    return loss.detach(), vis.grad, txt.grad
+
+
+def run_reference64(case):
+    return run(reference_tes_loss, case, torch.float64)
+
+
+def scales(case):
+    """Per-output error scales: rounding errs by about eps * |value| in each
+    quantity the formulas add up, so a row's scale is the size of those.
+
+    Loss: 1 + |lse(z)| + <p_ref, |z|> + |z_y| + |lse(s)| + |s_y|.
+    Gradients: g * (1 + |lse(z)| + |lse(s)|), where g is the row's upstream
+    gradient, times lambda_t / tau for the text gradient.
+    """
+    vis = case.vis_logits.double()
+    txt = case.txt_logits.double() / case.kwargs["tau"]
+    valid = case.target != case.kwargs["ignore_index"]
+    label = torch.where(valid, case.target, 0)[:, None]
+    if vis.shape[1] == 0 or vis.shape[0] == 0:
+        lse_z = lse_s = ref_abs = z_y = s_y = torch.zeros(vis.shape[0], dtype=torch.float64)
+    else:
+        lse_z, lse_s = vis.logsumexp(1), txt.logsumexp(1)
+        ref_abs = (txt.softmax(1) * vis.abs()).nan_to_num().sum(1)
+        z_y, s_y = vis.gather(1, label)[:, 0], txt.gather(1, label)[:, 0]
+    loss_row = 1 + lse_z.abs() + ref_abs + z_y.abs() + lse_s.abs() + s_y.abs()
+    grad_row = 1 + lse_z.abs() + lse_s.abs()
+
+    reduction = case.kwargs["reduction"]
+    g = case.grad_out.double().abs()
+    if reduction == "none":
+        loss_scale, g_row = loss_row, g
+    elif reduction == "sum":
+        loss_scale, g_row = loss_row[valid].sum(), g.expand_as(grad_row)
+    else:
+        n = max(int(valid.sum()), 1)
+        loss_scale, g_row = loss_row[valid].sum() / n, (g / n).expand_as(grad_row)
+    grad_scale = (g_row * grad_row)[:, None]
+    txt_factor = case.kwargs["lambda_t"] / case.kwargs["tau"]
+    return loss_scale, grad_scale, grad_scale * txt_factor
+
+
+def assert_close(actual, expected, tol, scale, what):
+    """|actual - expected| <= tol.atol * scale + tol.rtol * |expected|, elementwise,
+    with nan where the reference has nan; reports where and by how much. Values
+    below the smallest normal number of actual's dtype cannot be told apart."""
+    floor = torch.finfo(actual.dtype).tiny
+    actual = actual.double()
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    both_nan = torch.isnan(actual) & torch.isnan(expected)
+    bound = tol.atol * scale + tol.rtol * expected.abs() + floor
+    err = (actual - expected).abs()
+    bad = ~both_nan & ~(err <= bound) & ~(actual == expected)  # == covers equal infinities
+    if bad.any():
+        idx = tuple(int(i) for i in bad.nonzero()[0]) if bad.dim() else ()
+        pytest.fail(
+            f"{what}: {int(bad.sum())} of {bad.numel()} elements off; first at {list(idx)}: "
+            f"fused {actual[idx].item()!r}, reference {expected[idx].item()!r}, "
+            f"|diff| {err[idx].item():.3e} > bound {torch.as_tensor(bound)[idx].item():.3e}",
+            pytrace=False,
+        )
+
+
+def max_error(actual, expected):
+    diff = (actual.double() - expected).abs()
+    both_nan = torch.isnan(actual.double()) & torch.isnan(expected)
+    diff = torch.where(both_nan | (actual.double() == expected), 0.0, diff)
+    return diff.max().item() if diff.numel() else 0.0
+
+
+@pytest.fixture
+def fused():
+    return tesloss.fused_tes_loss

@@ -1,0 +1,128 @@
+"""Every bad input gets an error naming the argument, what was expected and what came."""
+import math
+
+import pytest
+import torch
+
+import tesloss
+
+
+def good(b=4, c=10):
+    return torch.randn(b, c), torch.randn(b, c), torch.tensor([0, 3, 9, -100])[:b]
+
+
+def call(vis=None, txt=None, target=None, **kwargs):
+    v, t, y = good()
+    return tesloss.fused_tes_loss(v if vis is None else vis, t if txt is None else txt,
+                                  y if target is None else target, **kwargs)
+
+
+@pytest.mark.parametrize("label, words", [(10, "target[1] = 10"), (11, "target[1] = 11"),
+                                          (-1, "target[1] = -1"), (-101, "target[1] = -101")])
+def test_labels_out_of_range(label, words):
+    target = torch.tensor([0, label, 2, 3])
+    with pytest.raises(IndexError, match=r"fused_tes_loss: .*") as info:
+        call(target=target)
+    assert words in str(info.value)
+    assert "[0, 10)" in str(info.value) and "ignore_index (-100)" in str(info.value)
+
+
+def test_a_label_equal_to_a_custom_ignore_index_is_fine():
+    call(target=torch.tensor([0, -1, 2, 3]), ignore_index=-1)
+
+
+@pytest.mark.parametrize("target, error, words", [
+    ([0, 1, 2, 3], TypeError, "target must be a torch.Tensor of int64 class indices of shape "
+                              "[B]=[4], got list"),
+    (torch.tensor([0.0, 1.0, 2.0, 3.0]), TypeError, "target must be int64 of shape [B]=[4], "
+                                                    "got float32 of shape [4]"),
+    (torch.tensor([0, 1, 2, 3], dtype=torch.int32), TypeError, "target must be int64 of shape [B]=[4], got int32 of shape [4]"),
+    (torch.zeros(4, 1, dtype=torch.long), ValueError, "target must be int64 of shape [B]=[4], got int64 of shape [4, 1]"),
+    (torch.zeros(5, dtype=torch.long), ValueError, "target must be int64 of shape [B]=[4], got int64 of shape [5]"),
+])
+def test_bad_targets(target, error, words):
+    with pytest.raises(error) as info:
+        call(target=target)
+    assert "fused_tes_loss: " + words in str(info.value)
+
+
+@pytest.mark.parametrize("which", ["vis_logits", "txt_logits"])
+@pytest.mark.parametrize("bad, error, words", [
+    (torch.randn(4), ValueError, "must be 2-D [B, C], got shape [4]"),
+    (torch.randn(4, 10, 1), ValueError, "must be 2-D [B, C], got shape [4, 10, 1]"),
+    (torch.ones(4, 10, dtype=torch.long), TypeError, "must be floating point, got torch.int64"),
+    ([[0.0] * 10] * 4, TypeError, "must be a torch.Tensor of shape [B, C], got list"),
+])
+def test_bad_logits(which, bad, error, words):
+    with pytest.raises(error) as info:
+        call(**{which[:3]: bad})
+    assert f"fused_tes_loss: {which} {words}" in str(info.value)
+
+
+def test_zero_classes():
+    with pytest.raises(ValueError, match=r"vis_logits must have C >= 1 classes, got shape \[4, 0\]"):
+        tesloss.fused_tes_loss(torch.randn(4, 0), torch.randn(4, 0), torch.zeros(4, dtype=torch.long))
+
+
+def test_shape_mismatch():
+    with pytest.raises(ValueError, match=r"txt_logits must have the shape of vis_logits "
+                                         r"\[4, 10\], got \[4, 11\]"):
+        call(txt=torch.randn(4, 11))
+
+
+@pytest.mark.parametrize("name, value, error, words", [
+    ("tau", 0.0, ValueError, "tau must be a finite number > 0, got 0.0"),
+    ("tau", -0.5, ValueError, "got -0.5"),
+    ("tau", math.nan, ValueError, "got nan"),
+    ("tau", math.inf, ValueError, "got inf"),
+    ("tau", torch.tensor(0.03), TypeError, "tau must be a finite number > 0 (a Python number), "
+                                           "got Tensor"),
+    ("tau", None, TypeError, "got NoneType"),
+    ("lambda_v", -0.1, ValueError, "lambda_v must be a number in [0, 1], got -0.1"),
+    ("lambda_v", 1.5, ValueError, "got 1.5"),
+    ("lambda_v", math.nan, ValueError, "got nan"),
+    ("lambda_t", -1.0, ValueError, "lambda_t must be a finite number >= 0, got -1.0"),
+    ("lambda_t", math.nan, ValueError, "got nan"),
+    ("lambda_t", math.inf, ValueError, "got inf"),
+    ("ignore_index", 1.5, TypeError, "ignore_index must be an int, got 1.5"),
+    ("reduction", "avg", ValueError, "reduction must be one of ['none', 'mean', 'sum'], "
+                                     "got 'avg'"),
+])
+def test_bad_parameters(name, value, error, words):
+    with pytest.raises(error) as info:
+        call(**{name: value})
+    assert "fused_tes_loss: " in str(info.value) and words in str(info.value)
+
+
+def test_the_callers_tensors_are_never_written():
+    vis, txt, target = good(4, 40)
+    vis.requires_grad_()
+    txt.requires_grad_()
+    before = [x.detach().clone() for x in (vis, txt, target)]
+    for reduction in ("mean", "sum", "none"):
+        tesloss.fused_tes_loss(vis, txt, target, reduction=reduction).sum().backward()
+    for x, y in zip((vis, txt, target), before):
+        assert torch.equal(x.detach(), y)
+
+
+def test_mixed_dtypes_are_promoted_not_misread():
+    vis, txt, target = good(4, 40)
+    vis32 = vis.clone().requires_grad_()
+    txt16 = txt.to(torch.bfloat16).requires_grad_()
+    mixed = tesloss.fused_tes_loss(vis32, txt16, target)
+    mixed.backward()
+    same = tesloss.fused_tes_loss(vis, txt16.detach().float(), target)
+    assert torch.equal(mixed.detach(), same)
+    assert vis32.grad.dtype == torch.float32 and txt16.grad.dtype == torch.bfloat16
+
+
+def test_the_raw_op_checks_its_arguments_too():
+    vis, txt, target = good()
+    with pytest.raises(RuntimeError, match="txt_logits must have the dtype of vis_logits"):
+        torch.ops.tesloss.tes_loss_forward(vis, txt.double(), target, 0.03, 0.1, 0.3, -100, 1)
+    with pytest.raises(RuntimeError, match="target must be int64"):
+        torch.ops.tesloss.tes_loss_forward(vis, txt, target.int(), 0.03, 0.1, 0.3, -100, 1)
+    with pytest.raises(RuntimeError, match="tau must be finite and > 0"):
+        torch.ops.tesloss.tes_loss_forward(vis, txt, target, 0.0, 0.1, 0.3, -100, 1)
+    with pytest.raises(RuntimeError, match="reduction must be"):
+        torch.ops.tesloss.tes_loss_forward(vis, txt, target, 0.03, 0.1, 0.3, -100, 3)

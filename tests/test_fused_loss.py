@@ -1,0 +1,141 @@
+"""The fused op against the published recipe: values, both gradients, parts.
+
+Hypothesis draws shapes (B in [0, 64], C in [1, 4096]), dtypes, tau, the
+lambdas, reductions, ignored rows, row-strided and transposed layouts,
+upstream gradients that are not 1, and extreme and very negative logits.
+"""
+import dataclasses
+import math
+
+import pytest
+import torch
+from conftest import (HALF_DTYPES, HALF_RULE_FACTOR, TOLERANCES, assert_close, max_error, run,
+                      run_reference64, scales, tes_cases)
+from hypothesis import given
+from hypothesis import strategies as st
+
+import tesloss
+from tesloss.reference import tes_loss as reference_tes_loss
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@given(data=st.data())
+def test_values_and_gradients_match_the_fp64_reference(dtype, data):
+    case = data.draw(tes_cases(dtype))
+    loss, grad_vis, grad_txt = run(tesloss.fused_tes_loss, case)
+    ref_loss, ref_vis, ref_txt = run_reference64(case)
+    loss_scale, vis_scale, txt_scale = scales(case)
+    tol = TOLERANCES[dtype]
+    assert loss.dtype == dtype
+    assert grad_vis.dtype == grad_txt.dtype == dtype
+    assert_close(loss, ref_loss, tol, loss_scale, "loss")
+    assert_close(grad_vis, ref_vis, tol, vis_scale, "grad vis_logits")
+    assert_close(grad_txt, ref_txt, tol, txt_scale, "grad txt_logits")
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@given(data=st.data())
+def test_half_types_err_at_most_twice_the_reference_in_that_dtype(dtype, data):
+    case = data.draw(tes_cases(dtype))
+    fused = run(tesloss.fused_tes_loss, case)
+    in_dtype = run(reference_tes_loss, case)
+    exact = run_reference64(case)
+    assert fused[0].dtype == torch.float32, "half inputs give an fp32 loss"
+    assert fused[1].dtype == fused[2].dtype == dtype, "gradients come back in the input dtype"
+    fp32_floor = TOLERANCES[torch.float32]
+    for name, f, r, e, scale in zip(("loss", "grad vis_logits", "grad txt_logits"),
+                                    fused, in_dtype, exact, scales(case)):
+        allowed = HALF_RULE_FACTOR * max_error(r, e) + fp32_floor.atol * float(
+            torch.as_tensor(scale).max() if torch.as_tensor(scale).numel() else 0.0)
+        err = max_error(f, e)
+        assert err <= allowed, (f"{name} in {dtype}: fused error {err:.3e} > {HALF_RULE_FACTOR} x "
+                                f"reference-in-{dtype} error {max_error(r, e):.3e} (+fp32 floor)")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@given(data=st.data())
+def test_parts_are_the_batch_means_of_the_reference_parts(dtype, data):
+    case = data.draw(tes_cases(dtype, max_b=16, max_c=512))
+    with torch.no_grad():
+        _, parts = tesloss.fused_tes_loss(*case.leaves(), case.target, **case.kwargs,
+                                          return_parts=True)
+        _, ref = reference_tes_loss(*case.leaves(torch.float64), case.target, **case.kwargs,
+                                    return_parts=True)
+    as_mean = dataclasses.replace(case, kwargs={**case.kwargs, "reduction": "mean"},
+                                  grad_out=torch.tensor(1.0, dtype=torch.float64))
+    loss_scale = scales(as_mean)[0]
+    for name in ("ce_vision", "kl_ref", "ce_text"):
+        got = getattr(parts, name)
+        assert not got.requires_grad
+        assert_close(got, getattr(ref, name), TOLERANCES[dtype], loss_scale, f"parts.{name}")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_rows_ignored(reduction):
+    vis = torch.randn(5, 7, requires_grad=True)
+    txt = torch.randn(5, 7, requires_grad=True)
+    target = torch.full((5,), -100)
+    loss, parts = tesloss.fused_tes_loss(vis, txt, target, reduction=reduction,
+                                         return_parts=True)
+    expected = {"mean": torch.tensor(math.nan), "sum": torch.tensor(0.0),
+                "none": torch.zeros(5)}[reduction]
+    torch.testing.assert_close(loss.detach(), expected, equal_nan=True)
+    assert all(torch.isnan(p) for p in parts), "means over zero rows are nan"
+    loss.sum().backward()
+    assert torch.equal(vis.grad, torch.zeros_like(vis)) or reduction == "mean"
+    assert torch.equal(txt.grad, torch.zeros_like(txt)) or reduction == "mean"
+
+
+def test_mean_over_all_ignored_rows_is_nan_like_cross_entropy():
+    vis = torch.randn(3, 4)
+    target = torch.full((3,), -100)
+    ours = tesloss.fused_tes_loss(vis, torch.randn(3, 4), target, lambda_v=0.0, lambda_t=0.0)
+    theirs = torch.nn.functional.cross_entropy(vis, target)
+    assert torch.isnan(ours) and torch.isnan(theirs)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_empty_batch(reduction):
+    vis = torch.randn(0, 10, requires_grad=True)
+    txt = torch.randn(0, 10, requires_grad=True)
+    loss = tesloss.fused_tes_loss(vis, txt, torch.zeros(0, dtype=torch.long),
+                                  reduction=reduction)
+    ref = reference_tes_loss(vis.detach(), txt.detach(), torch.zeros(0, dtype=torch.long),
+                             reduction=reduction)
+    torch.testing.assert_close(loss.detach(), ref, equal_nan=True)
+    loss.sum().backward()
+    assert vis.grad.shape == (0, 10) and txt.grad.shape == (0, 10)
+
+
+@pytest.mark.parametrize("where", ["vis", "txt"])
+def test_nan_in_the_logits_reaches_the_loss(where):
+    vis, txt = torch.randn(4, 33), torch.randn(4, 33)
+    (vis if where == "vis" else txt)[2, 20] = math.nan
+    losses = tesloss.fused_tes_loss(vis, txt, torch.tensor([1, 2, 3, 4]), reduction="none")
+    assert torch.isnan(losses[2]) and torch.isfinite(losses[[0, 1, 3]]).all()
+    assert torch.isnan(tesloss.fused_tes_loss(vis, txt, torch.tensor([1, 2, 3, 4])))
+
+
+def test_masked_text_classes_give_a_finite_loss_and_kl():
+    # -inf text logits (classes masked out of the reference) have p_ref = 0.
+    vis, txt = torch.randn(4, 40, dtype=torch.float64), torch.randn(4, 40, dtype=torch.float64)
+    txt[:, 30:] = -math.inf
+    target = torch.tensor([0, 5, 29, 7])
+    loss, parts = tesloss.fused_tes_loss(vis, txt, target, return_parts=True)
+    ref = reference_tes_loss(vis, txt, target)
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
+    assert all(torch.isfinite(p) for p in parts)
+
+
+def test_the_label_gradient_is_computed_before_rounding_to_bf16():
+    # With a confident model p_v[y] ~ 1 and p_v[y] - 1 is tiny: rounding p_v
+    # to bf16 first (Liger-Kernel #1329) would make the gradient 0.
+    vis = torch.zeros(1, 8, dtype=torch.bfloat16)
+    vis[0, 3] = 12.0
+    vis.requires_grad_()
+    txt = torch.zeros(1, 8, dtype=torch.bfloat16, requires_grad=True)
+    tesloss.fused_tes_loss(vis, txt, torch.tensor([3]), lambda_v=0.0, lambda_t=0.0).backward()
+    p_label = torch.softmax(vis.detach().double(), 1)[0, 3]
+    expected = (p_label - 1).to(torch.bfloat16)
+    assert vis.grad[0, 3] != 0
+    assert vis.grad[0, 3] == expected

@@ -1,0 +1,141 @@
+"""The op as torch sees it: autograd, opcheck, torch.compile, autocast,
+determinism, and the fallback when the extension is missing."""
+import warnings
+
+import pytest
+import torch
+
+import tesloss
+from tesloss import _ops, functional
+from tesloss.reference import tes_loss as reference_tes_loss
+
+
+def problem(b=6, c=13, dtype=torch.float64, seed=0, ignore=True):
+    gen = torch.Generator().manual_seed(seed)
+    vis = (torch.randn(b, c, generator=gen) * 2).to(dtype).requires_grad_()
+    txt = (torch.rand(b, c, generator=gen) * 2 - 1).to(dtype).requires_grad_()
+    target = torch.randint(0, c, (b,), generator=gen)
+    if ignore:
+        target[1] = -100
+    return vis, txt, target
+
+
+def test_backend_info_reports_the_cpu_kernels():
+    info = tesloss.backend_info()
+    assert info["extension_loaded"] and info["load_error"] is None
+    assert "cpu" in info["devices"]
+    assert info["cpu_capability"] in ("default", "avx2", "avx512")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_gradcheck_float64_vision(reduction):
+    vis, txt, target = problem()
+    torch.autograd.gradcheck(
+        lambda v: tesloss.fused_tes_loss(v, txt.detach(), target, tau=0.5, lambda_v=0.3,
+                                         lambda_t=0.7, reduction=reduction), (vis,))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_gradcheck_float64_text_where_p_ref_is_not_in_the_forward(reduction):
+    # p_ref is a constant by definition (built under no_grad), so finite
+    # differences match the text gradient only where the forward does not use
+    # p_ref: lambda_v = 0 leaves lambda_t * CE(t / tau, y).
+    vis, txt, target = problem()
+    torch.autograd.gradcheck(
+        lambda v, t: tesloss.fused_tes_loss(v, t, target, tau=0.5, lambda_v=0.0, lambda_t=0.7,
+                                            reduction=reduction), (vis, txt))
+
+
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck_forward_and_backward(reduction, dtype):
+    vis, txt, target = problem(dtype=dtype)
+    args = (vis, txt, target, 0.03, 0.1, 0.3, -100, reduction)
+    torch.library.opcheck(torch.ops.tesloss.tes_loss_forward.default, args)
+    loss, row_stats, batch_stats = torch.ops.tesloss.tes_loss_forward(*args)
+    grad = torch.ones_like(loss)
+    backward_args = (grad, vis.detach(), txt.detach(), target, row_stats, batch_stats,
+                     0.03, 0.1, 0.3, -100, reduction)
+    torch.library.opcheck(torch.ops.tesloss.tes_loss_backward.default, backward_args)
+
+
+def test_torch_compile_fullgraph_forward_and_backward():
+    vis, txt, target = problem(b=8, c=50, dtype=torch.float32)
+    vis2, txt2 = (x.detach().clone().requires_grad_() for x in (vis, txt))
+
+    def step(v, t, y):
+        loss, parts = tesloss.fused_tes_loss(v, t, y, return_parts=True)
+        return loss * 2.0, parts.kl_ref
+
+    compiled = torch.compile(step, fullgraph=True)
+    loss, kl = compiled(vis, txt, target)
+    loss.backward()
+    eager_loss, eager_kl = step(vis2, txt2, target)
+    eager_loss.backward()
+    assert torch.equal(loss, eager_loss) and torch.equal(kl, eager_kl)
+    assert torch.equal(vis.grad, vis2.grad) and torch.equal(txt.grad, txt2.grad)
+
+
+def test_cpu_autocast_passes_bf16_through_and_returns_an_fp32_loss():
+    torch.manual_seed(0)
+    features = torch.randn(8, 16)
+    classifier = torch.nn.Linear(16, 10)
+    text_head = torch.nn.functional.normalize(torch.randn(10, 16), dim=1)
+    target = torch.randint(0, 10, (8,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        vis = classifier(features)
+        txt = torch.nn.functional.normalize(features, dim=1) @ text_head.t()
+        assert vis.dtype == txt.dtype == torch.bfloat16
+        vis.retain_grad()
+        loss = tesloss.fused_tes_loss(vis, txt, target)
+    assert loss.dtype == torch.float32
+    # Same bits as the op called on those bf16 logits directly: no up-cast pass.
+    assert torch.equal(loss, tesloss.fused_tes_loss(vis.detach(), txt.detach(), target))
+    loss.backward()
+    assert vis.grad.dtype == torch.bfloat16
+    assert classifier.weight.grad is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_results_are_bitwise_deterministic_and_thread_count_independent(dtype):
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (threads, threads, 1):
+            torch.set_num_threads(n)
+            vis, txt, target = problem(b=300, c=1001, dtype=dtype)
+            for reduction in ("mean", "none"):
+                loss, parts = tesloss.fused_tes_loss(vis, txt, target, reduction=reduction,
+                                                     return_parts=True)
+                loss.sum().backward()
+                results.append((loss.detach(), *parts, vis.grad.clone(), txt.grad.clone()))
+    finally:
+        torch.set_num_threads(threads)
+    half = len(results) // 3
+    for run in (results[half:2 * half], results[2 * half:]):
+        for a, b in zip(results[:half], run):
+            assert all(torch.equal(x, y) or (x.isnan().all() and y.isnan().all())
+                       for x, y in zip(a, b))
+
+
+def test_missing_extension_falls_back_to_the_reference_and_warns_once(monkeypatch):
+    monkeypatch.setattr(_ops, "has_kernel", lambda device: False)
+    monkeypatch.setattr(functional, "_warned_fallback", set())
+    monkeypatch.delenv("TESLOSS_REQUIRE_EXTENSION", raising=False)
+    vis, txt, target = problem()
+    with pytest.warns(RuntimeWarning, match="pip install --no-build-isolation"):
+        loss = tesloss.fused_tes_loss(vis, txt, target)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tesloss.fused_tes_loss(vis, txt, target)  # the warning came once
+    torch.testing.assert_close(loss, reference_tes_loss(vis, txt, target), rtol=0, atol=0)
+    with pytest.raises(IndexError, match=r"target\[0\] = 13 is out of range"):
+        tesloss.fused_tes_loss(vis, txt, torch.full_like(target, 13))
+
+
+def test_require_extension_turns_the_fallback_into_an_error(monkeypatch):
+    monkeypatch.setattr(_ops, "has_kernel", lambda device: False)
+    monkeypatch.setenv("TESLOSS_REQUIRE_EXTENSION", "1")
+    vis, txt, target = problem()
+    with pytest.raises(RuntimeError, match="TESLOSS_REQUIRE_EXTENSION is set.*pip install"):
+        tesloss.fused_tes_loss(vis, txt, target)
