@@ -1,0 +1,43 @@
+"""The benchmark script runs, checks correctness and writes the CSV other tools read."""
+import csv
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_loss.py"
+
+CSV_COLUMNS = ["timestamp", "device", "device_name", "torch_version", "tesloss_version",
+               "provider", "mode", "dtype", "B", "C", "median_ms", "p20_ms", "p80_ms", "gbps",
+               "pct_of_peak", "peak_mem_mb", "max_rel_err"]
+
+
+def test_quick_run_writes_checked_rows(tmp_path):
+    out = tmp_path / "bench.csv"
+    run = subprocess.run([sys.executable, str(BENCH), "--quick", "--device", "cpu", "--out",
+                          str(out)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, (f"bench_loss.py exited {run.returncode}:\n"
+                                 f"{run.stdout}\n{run.stderr}")
+
+    with open(out, newline="") as results:
+        reader = csv.reader(results)
+        header = next(reader)
+        rows = [dict(zip(header, row)) for row in reader]
+    assert header == CSV_COLUMNS
+    assert rows, f"no rows written; stdout:\n{run.stdout}"
+    assert {row["provider"] for row in rows} >= {"tesloss", "eager"}
+    assert {row["mode"] for row in rows} == {"forward", "backward", "full"}
+    for row in rows:
+        assert row["device"] == "cpu"
+        assert math.isfinite(float(row["median_ms"])) and float(row["median_ms"]) > 0, row
+        assert float(row["max_rel_err"]) < 1e-2, row
+        assert row["peak_mem_mb"] == "", row  # not measured on the CPU
+
+    # A second run appends without repeating the header.
+    rerun = subprocess.run([sys.executable, str(BENCH), "--quick", "--device", "cpu",
+                            "--modes", "full", "--providers", "tesloss", "--out", str(out)],
+                           capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    lines = out.read_text().splitlines()
+    assert lines.count(",".join(CSV_COLUMNS)) == 1
+    assert len(lines) == 1 + len(rows) + 1
