@@ -5,6 +5,7 @@ Every comparison is against ``tesloss.reference.tes_loss`` run in float64 on
 the same (exactly up-cast) inputs.
 """
 import dataclasses
+import math
 import os
 
 import pytest
@@ -194,9 +195,11 @@ def assert_close(actual, expected, tol, scale, what):
 
 
 def max_error(actual, expected):
-    diff = (actual.double() - expected).abs()
-    both_nan = torch.isnan(actual.double()) & torch.isnan(expected)
-    diff = torch.where(both_nan | (actual.double() == expected), 0.0, diff)
+    """max |actual - expected|; a nan or inf where the reference is finite is
+    infinitely wrong, and matching nans or infinities are right."""
+    actual = actual.double()
+    same = (actual == expected) | (torch.isnan(actual) & torch.isnan(expected))
+    diff = torch.where(same, 0.0, (actual - expected).abs().nan_to_num(nan=math.inf))
     return diff.max().item() if diff.numel() else 0.0
 
 

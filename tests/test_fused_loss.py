@@ -48,6 +48,7 @@ def test_half_types_err_at_most_twice_the_reference_in_that_dtype(dtype, data):
         allowed = HALF_RULE_FACTOR * max_error(r, e) + fp32_floor.atol * float(
             torch.as_tensor(scale).max() if torch.as_tensor(scale).numel() else 0.0)
         err = max_error(f, e)
+        assert err < math.inf, f"{name} in {dtype}: nan or inf where the fp64 reference has none"
         assert err <= allowed, (f"{name} in {dtype}: fused error {err:.3e} > {HALF_RULE_FACTOR} x "
                                 f"reference-in-{dtype} error {max_error(r, e):.3e} (+fp32 floor)")
 
