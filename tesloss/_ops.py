@@ -1,4 +1,6 @@
-"""Loads the compiled library and tells torch how to trace and differentiate its ops."""
+"""Loads the compiled library and gives its ops the fake kernels torch.compile traces with.
+
+Autograd for the ops is bound in C++ (csrc/tes_loss.cpp), for speed."""
 import os
 
 import torch
@@ -96,23 +98,3 @@ if LOADED:
                        lambda_v, lambda_t, ignore_index, reduction):
         shape = vis_logits.shape
         return vis_logits.new_empty(shape), txt_logits.new_empty(shape)
-
-    def _setup_context(ctx, inputs, output):
-        vis_logits, txt_logits, target, *params = inputs
-        _, row_stats, batch_stats = output
-        ctx.save_for_backward(vis_logits, txt_logits, target, row_stats, batch_stats)
-        ctx.params = params
-        ctx.mark_non_differentiable(row_stats, batch_stats)
-
-    def _backward(ctx, grad_loss, _grad_row_stats, _grad_batch_stats):
-        vis_logits, txt_logits, target, row_stats, batch_stats = ctx.saved_tensors
-        grad_vis, grad_txt = torch.ops.tesloss.tes_loss_backward(
-            grad_loss, vis_logits, txt_logits, target, row_stats, batch_stats, *ctx.params
-        )
-        needs = ctx.needs_input_grad
-        return (grad_vis if needs[0] else None, grad_txt if needs[1] else None,
-                None, None, None, None, None, None)
-
-    torch.library.register_autograd(
-        "tesloss::tes_loss_forward", _backward, setup_context=_setup_context
-    )
