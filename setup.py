@@ -9,9 +9,31 @@ Environment:
 import glob
 import os
 
+import shutil
+
 import torch
 from setuptools import setup
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+
+def _set_cuda_home():
+    """torch takes the CUDA home from nvcc's folder, which is wrong when nvcc on
+    the PATH is a wrapper script (as in /usr/local/bin here): look for the
+    toolkit nvcc belongs to instead. CUDA_HOME, if set, wins."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    candidates = [os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))] if nvcc else []
+    candidates.append("/usr/local/cuda")
+    for home in candidates:
+        if os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
+            os.environ["CUDA_HOME"] = home
+            return
+
+
+_set_cuda_home()  # before cpp_extension reads it at import
+
+from torch.utils.cpp_extension import (  # noqa: E402
+    CUDA_HOME, BuildExtension, CppExtension, CUDAExtension)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -44,6 +66,18 @@ def build_cuda():
     return torch.version.cuda is not None and CUDA_HOME is not None
 
 
+def wheel_cuda_include_dirs():
+    """ATen's CUDA headers include cuSPARSE's and cuBLAS's. A toolkit with nvcc
+    alone lacks them; torch's CUDA wheels bring them under site-packages/nvidia."""
+    if os.path.exists(os.path.join(CUDA_HOME, "include", "cusparse.h")):
+        return []
+    try:
+        import nvidia
+    except ImportError:
+        return []
+    return sorted(d for root in nvidia.__path__ for d in glob.glob(os.path.join(root, "*", "include")))
+
+
 def extensions():
     capability = cpu_capability()
     cxx_flags = ["-O3", "-fopenmp", f"-DTESLOSS_CPU_CAPABILITY_NAME={capability}"]
@@ -57,9 +91,10 @@ def extensions():
     if cuda_sources and build_cuda():
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
-        nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-DTESLOSS_WITH_CUDA"]
+        nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+        common["include_dirs"] += wheel_cuda_include_dirs()
         return [CUDAExtension(sources=sources + cuda_sources,
-                              extra_compile_args={"cxx": cxx_flags + ["-DTESLOSS_WITH_CUDA"],
+                              extra_compile_args={"cxx": cxx_flags,
                                                   "nvcc": nvcc_flags},
                               **common)]
     return [CppExtension(sources=sources, extra_compile_args={"cxx": cxx_flags}, **common)]

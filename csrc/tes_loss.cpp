@@ -179,7 +179,7 @@ void forward_row(const scalar_t* vis, const scalar_t* txt, int64_t C, int64_t la
       }
     }
 
-    const Vec max_vis_b(max_vis), max_txt_b(max_txt);
+    const Vec max_vis_b(softmax_shift(max_vis)), max_txt_b(softmax_shift(max_txt));
     Vec sum_vis(0), sum_txt(0), dot_vis(0), dot_txt(0);
     for (int64_t j = 0; j < n_padded; j += W) {
       const Vec z = Vec::loadu(vis_buf + j);

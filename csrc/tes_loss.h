@@ -12,10 +12,11 @@
 //   dloss/dz = p_v - q
 //   dloss/dt = (lambda_t / tau) * (p_ref - onehot(y))
 //
-// One read of a row is enough for the forward: an online softmax keeps a
-// running max and a running sum of exp(x - max) for z and for s, and the
-// running sums of exp(s - max) * z and exp(s - max) * s give <p_ref, z> and
-// <p_ref, s> at the end. The backward needs only lse(z) and lse(s) per row.
+// One read of a row is enough for the forward: an online softmax keeps, for
+// each part of a row, its max and the sum of exp(x - max) for z and for s, and
+// the sums of exp(s - max) * z and exp(s - max) * s, which give <p_ref, z> and
+// <p_ref, s> at the end; parts merge with row_state_merge. The backward needs
+// only lse(z) and lse(s) per row.
 #pragma once
 
 #include <cmath>
@@ -132,20 +133,12 @@ TESLOSS_HD RowState<acc_t> row_state_empty() {
   return RowState<acc_t>{neg_inf, acc_t(0), neg_inf, acc_t(0), acc_t(0), acc_t(0)};
 }
 
-// Adds one column (z, s) to the running statistics.
+// What a part of a row shifts its exponentials by: its max, so none
+// overflows, except where the part is all -inf (masked classes, padding), where
+// exp(-inf - -inf) would be nan: shifting by 0 makes each term exp(-inf) = 0.
 template <typename acc_t>
-TESLOSS_HD void row_state_push(RowState<acc_t>& st, acc_t z, acc_t s) {
-  const acc_t max_vis = nan_max(st.max_vis, z);
-  st.sum_vis = st.sum_vis * rescale(st.max_vis, max_vis) + tes_exp(z - max_vis);
-  st.max_vis = max_vis;
-
-  const acc_t max_txt = nan_max(st.max_txt, s);
-  const acc_t f = rescale(st.max_txt, max_txt);
-  const acc_t e = tes_exp(s - max_txt);
-  st.sum_txt = st.sum_txt * f + e;
-  st.ref_dot_vis = st.ref_dot_vis * f + weighted(e, z);
-  st.ref_dot_txt = st.ref_dot_txt * f + weighted(e, s);
-  st.max_txt = max_txt;
+TESLOSS_HD acc_t softmax_shift(acc_t part_max) {
+  return part_max == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : part_max;
 }
 
 // Combines the statistics of two disjoint parts of a row (vector lanes,

@@ -61,18 +61,14 @@ class Case:
 
     def leaves(self, dtype=None):
         """Fresh leaf copies (same layout) that require grad, optionally cast."""
-        out = []
-        for x in (self.vis_logits, self.txt_logits):
-            y = x if dtype is None else _cast_keep_layout(x, dtype)
-            y = y.detach().clone() if y is x else y.detach()
-            out.append(y.requires_grad_())
-        return out
+        return [_copy_keep_layout(x, dtype or x.dtype).requires_grad_()
+                for x in (self.vis_logits, self.txt_logits)]
 
 
-def _cast_keep_layout(x, dtype):
-    # Cast while keeping row strides, so strided cases stay strided.
-    base = torch.empty_strided(x.shape, x.stride(), dtype=dtype, device=x.device)
-    return base.copy_(x)
+def _copy_keep_layout(x, dtype):
+    # clone() would make a row-strided tensor contiguous; keep its strides, so
+    # strided cases reach the kernels strided.
+    return torch.empty_strided(x.shape, x.stride(), dtype=dtype, device=x.device).copy_(x)
 
 
 @st.composite

@@ -140,3 +140,26 @@ def test_the_label_gradient_is_computed_before_rounding_to_bf16():
     expected = (p_label - 1).to(torch.bfloat16)
     assert vis.grad[0, 3] != 0
     assert vis.grad[0, 3] == expected
+
+
+@pytest.mark.parametrize("num_classes, masked_from", [(40, 30), (3000, 1024), (3000, 900)])
+def test_classes_masked_in_both_logits_add_nothing(num_classes, masked_from):
+    # -inf in both logits (a class left out) must weigh 0 in every sum, even
+    # where a whole block of columns is masked.
+    gen = torch.Generator().manual_seed(1)
+    vis = torch.randn(5, num_classes, generator=gen, dtype=torch.float64)
+    txt = torch.rand(5, num_classes, generator=gen, dtype=torch.float64) * 2 - 1
+    target = torch.randint(0, masked_from, (5,), generator=gen)
+    vis[:, masked_from:] = -math.inf
+    txt[:, masked_from:] = -math.inf
+    vis.requires_grad_()
+    txt.requires_grad_()
+    loss = tesloss.fused_tes_loss(vis, txt, target, reduction="none")
+    loss.sum().backward()
+    kept = [x.detach()[:, :masked_from].clone().requires_grad_() for x in (vis, txt)]
+    expected = reference_tes_loss(*kept, target, reduction="none")
+    expected.sum().backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+    for full, part in zip((vis, txt), kept):
+        torch.testing.assert_close(full.grad[:, :masked_from], part.grad, rtol=1e-12, atol=1e-12)
+        assert torch.equal(full.grad[:, masked_from:], torch.zeros_like(full.grad[:, masked_from:]))

@@ -1,0 +1,168 @@
+#!/usr/bin/env bash
+# The GPU check, one script for a fresh machine with an NVIDIA GPU (written for
+# an H200: torch 2.11, Python 3.12, nvcc 13.0, ninja, pytest, hypothesis; no
+# network). In order, each step with its own time limit and log:
+#   env        GPU, driver, torch, nvcc, compute-sanitizer
+#   wheels     .whl/*.whl (e.g. liger-kernel), if carried, into /tmp/site
+#   build      pip install --no-build-isolation --no-deps -e .  (TORCH_CUDA_ARCH_LIST=9.0)
+#   cuda_tests pytest tests/test_cuda.py
+#   memcheck   compute-sanitizer memcheck on a few small forward+backward cases
+#   racecheck  compute-sanitizer racecheck on the same cases
+#   bench      bench/bench_loss.py --device cuda $BENCH_ARGS (default: --modes full)
+#   cpu_tests  the rest of the test suite, with whatever time is left
+# A failed step does not stop the later ones. The whole run stays within
+# $GPU_CHECK_BUDGET_S seconds (default 465, under 8 minutes).
+#
+#   bench/gpu_check.sh [RESULTS_DIR]    default: $OUT if set, else bench/results/gpu-<date>
+#
+# Results: summary.txt, test_cuda.xml, test_cuda.log, bench_cuda.csv and logs.tar.gz
+# (every step's log). Where RESULTS_DIR is $OUT, the device tool's return folder,
+# the loose logs are removed once packed, as only a few files come back from it.
+# Exit status: 0 if every step passed, 1 otherwise.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+RESULTS=${1:-${OUT:-bench/results/gpu-$(date -u +%Y%m%d-%H%M%S)}}
+LOGS="$RESULTS/logs"
+mkdir -p "$LOGS"
+BUDGET=${GPU_CHECK_BUDGET_S:-465}
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+SUMMARY=()
+FAILED=0
+LAST_RC=0
+
+# step NAME MAX_SECONDS COMMAND...: runs COMMAND into $LOGS/NAME.log under the
+# smaller of MAX_SECONDS and the time left; records how it ended.
+step() {
+  local name=$1 limit=$2
+  shift 2
+  local left=$((BUDGET - SECONDS))
+  if ((left < 20)); then
+    SUMMARY+=("$(printf '%-11s %-24s' "$name" "skipped: no time left")")
+    LAST_RC=125
+    FAILED=1
+    return 0
+  fi
+  ((limit > left)) && limit=$left
+  echo "== $name (up to ${limit}s)"
+  local start=$SECONDS rc=0
+  timeout --kill-after=10 "$limit" "$@" >"$LOGS/$name.log" 2>&1 || rc=$?
+  local took=$((SECONDS - start)) state
+  case $rc in
+    0) state="ok" ;;
+    124 | 137) state="TIMED OUT at ${limit}s" ;;
+    *) state="FAILED (exit $rc)" ;;
+  esac
+  ((rc == 0)) || FAILED=1
+  LAST_RC=$rc
+  SUMMARY+=("$(printf '%-11s %-24s %4ss  %s' "$name" "$state" "$took" "logs/$name.log")")
+  echo "   $state after ${took}s"
+  tail -n 4 "$LOGS/$name.log" | sed 's/^/   | /'
+  return 0
+}
+
+# In the bash -c scripts below, $0 is the Python to use.
+step env 30 bash -c '
+  nvidia-smi || true
+  "$0" -c "import sys, torch
+print(sys.version)
+print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda)
+print(torch.cuda.get_device_name() if torch.cuda.is_available() else \"no GPU\")"
+  nvcc --version || true
+  command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer || true
+  git log -1 --oneline 2>/dev/null || true' "$PY"
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+  step wheels 60 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+    --upgrade --target /tmp/site .whl/*.whl
+  ((LAST_RC == 0)) && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
+# setup.py finds the toolkit behind a wrapper nvcc and the cuSPARSE/cuBLAS headers
+# that torch's wheels bring, so the build needs no extra flags here.
+step build 240 env TORCH_CUDA_ARCH_LIST=9.0 FORCE_CUDA=1 MAX_JOBS="$(nproc)" bash -c '
+  "$0" -m pip install --no-build-isolation --no-deps -v -e . &&
+  "$0" -c "import json, tesloss
+info = tesloss.backend_info()
+print(json.dumps(info))
+assert info[\"cuda_compiled\"], \"tesloss was built without its CUDA kernels\""' "$PY"
+
+timeout_plugin=()
+"$PY" -c "import pytest_timeout" 2>/dev/null && timeout_plugin=(--timeout 150)
+step cuda_tests 200 env TESLOSS_REQUIRE_EXTENSION=1 "$PY" -m pytest -q -rfEs -p no:cacheprovider \
+  "${timeout_plugin[@]}" --junitxml "$RESULTS/test_cuda.xml" tests/test_cuda.py
+cp "$LOGS/cuda_tests.log" "$RESULTS/test_cuda.log" 2>/dev/null || true
+
+cat >"$LOGS/sanitize_case.py" <<'EOF'
+"""Forward and backward of the fused op on small cases that reach every launch
+shape, misaligned and row-strided rows, ignored rows and an empty batch."""
+import torch
+
+import tesloss
+
+assert tesloss.backend_info()["cuda_compiled"], "tesloss has no CUDA kernels"
+CASES = [  # (B, C), dtype, reduction, vis column offset, txt column offset
+    ((3, 7), torch.float32, "mean", 0, 0),
+    ((5, 1001), torch.bfloat16, "none", 1, 3),
+    ((9, 1000), torch.float32, "sum", 0, 0),
+    ((40, 100), torch.float16, "mean", 2, 2),
+    ((2, 9000), torch.float64, "mean", 0, 1),
+    ((3, 20000), torch.bfloat16, "mean", 0, 0),
+    ((0, 5), torch.float32, "mean", 0, 0),
+]
+for (batch, num_classes), dtype, reduction, vis_offset, txt_offset in CASES:
+    width = num_classes + 4
+
+    def logits(offset):
+        base = torch.randn(batch, width, device="cuda").to(dtype)
+        return base[:, offset:offset + num_classes].detach().requires_grad_()
+
+    vis, txt = logits(vis_offset), logits(txt_offset)
+    target = torch.randint(0, num_classes, (batch,), device="cuda")
+    target[::3] = -100
+    loss = tesloss.fused_tes_loss(vis, txt, target, reduction=reduction)
+    loss.sum().backward()
+    torch.cuda.synchronize()
+    print(f"B={batch} C={num_classes} {dtype} {reduction}: loss {loss.sum().item():.4f}")
+EOF
+sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+# Without the caching allocator each tensor is its own allocation, so an access
+# past a tensor's end is past an allocation's end, where memcheck sees it.
+step memcheck 90 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$sanitizer" --tool memcheck \
+  --error-exitcode 1 --print-limit 20 "$PY" "$LOGS/sanitize_case.py"
+step racecheck 90 "$sanitizer" --tool racecheck --error-exitcode 1 --print-limit 20 \
+  "$PY" "$LOGS/sanitize_case.py"
+
+# Full mode over every shape and dtype fits the budget; BENCH_ARGS overrides.
+read -r -a bench_args <<<"${BENCH_ARGS:---modes full}"
+step bench 400 "$PY" bench/bench_loss.py --device cuda --out "$RESULTS/bench_cuda.csv" \
+  --markdown "${bench_args[@]}"
+
+step cpu_tests 400 env TESLOSS_REQUIRE_EXTENSION=1 CI=1 "$PY" -m pytest -q -rfE \
+  -p no:cacheprovider "${timeout_plugin[@]}" tests --ignore=tests/test_cuda.py
+
+{
+  echo "tesloss GPU check, $(date -u +%Y-%m-%dT%H:%M:%SZ), ${SECONDS}s of ${BUDGET}s"
+  echo "results: $RESULTS"
+  printf '%s\n' "${SUMMARY[@]}"
+  echo
+  echo "backend: $(grep -h '"extension_loaded"' "$LOGS/build.log" 2>/dev/null | tail -n 1)"
+  for name in cuda_tests cpu_tests; do
+    [[ -f "$LOGS/$name.log" ]] &&
+      echo "$name: $(grep -E '(passed|failed|error|skipped)' "$LOGS/$name.log" | tail -n 1)"
+  done
+  for name in memcheck racecheck; do
+    [[ -f "$LOGS/$name.log" ]] &&
+      echo "$name: $(grep -h 'ERROR SUMMARY\|RACECHECK SUMMARY' "$LOGS/$name.log" | tail -n 1)"
+  done
+  [[ -f "$RESULTS/bench_cuda.csv" ]] &&
+    echo "bench: $(($(wc -l <"$RESULTS/bench_cuda.csv") - 1)) rows in bench_cuda.csv"
+  true
+} | tee "$RESULTS/summary.txt"
+
+tar -czf "$RESULTS/logs.tar.gz" -C "$RESULTS" logs
+if [[ -n "${OUT:-}" && "$(cd "$RESULTS" && pwd)" == "$(cd "$OUT" && pwd)" ]]; then
+  rm -rf "$LOGS"
+fi
+exit "$FAILED"
