@@ -24,8 +24,16 @@
 
 namespace tesloss {
 
-// Checks shared with the CUDA entry points: the structure of the arguments.
-// Label values are checked inside the kernels, where each label is read anyway.
+// Argument checks and output allocation, shared with the CUDA entry points
+// (cuda/tes_loss.cu declares prepare_forward and prepare_backward), so both
+// devices refuse the same arguments with the same messages. Label values are
+// checked inside the kernels, where each label is read anyway.
+using ForwardPrep = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using BackwardPrep = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                at::Tensor, at::Tensor>;
+
+namespace {
+
 void check_forward_args(const at::Tensor& vis_logits, const at::Tensor& txt_logits,
                         const at::Tensor& target, double tau, int64_t reduction) {
   TORCH_CHECK(vis_logits.dim() == 2, "fused_tes_loss: vis_logits must be 2-D [B, C], got ",
@@ -70,6 +78,12 @@ void check_backward_args(const at::Tensor& grad_loss, const at::Tensor& vis_logi
               "], got ", row_stats.sizes());
   TORCH_CHECK(batch_stats.numel() == kNumBatchStats, "tes_loss_backward: batch_stats must have ",
               int(kNumBatchStats), " entries, got ", batch_stats.sizes());
+  for (const auto& [name, tensor] : {std::pair<const char*, const at::Tensor&>{"grad_loss", grad_loss},
+                                     {"row_stats", row_stats}, {"batch_stats", batch_stats}}) {
+    TORCH_CHECK(tensor.device() == vis_logits.device(), "tes_loss_backward: ", name,
+                " must be on the device of vis_logits (", vis_logits.device(), "), got ",
+                tensor.device());
+  }
 }
 
 // The kernels read rows through a row stride; only the class stride must be 1.
@@ -81,12 +95,42 @@ at::ScalarType acc_scalar_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+}  // namespace
+
+// Checks the forward's arguments; returns the logits as the kernels read them
+// and the outputs, allocated: (vis_logits, txt_logits, loss, row_stats, batch_stats).
+ForwardPrep prepare_forward(const at::Tensor& vis_logits, const at::Tensor& txt_logits,
+                            const at::Tensor& target, double tau, int64_t reduction) {
+  check_forward_args(vis_logits, txt_logits, target, tau, reduction);
+  const int64_t B = vis_logits.size(0);
+  const auto acc = vis_logits.options().dtype(acc_scalar_type(vis_logits.scalar_type()));
+  return {with_unit_class_stride(vis_logits), with_unit_class_stride(txt_logits),
+          reduction == kReduceNone ? at::empty({B}, acc) : at::empty({}, acc),
+          at::empty({B, kNumRowStats}, acc), at::empty({kNumBatchStats}, acc)};
+}
+
+// Checks the backward's arguments; returns them as the kernels read them and
+// the gradients, allocated: (grad_loss, vis_logits, txt_logits, row_stats,
+// batch_stats, grad_vis, grad_txt).
+BackwardPrep prepare_backward(const at::Tensor& grad_loss, const at::Tensor& vis_logits,
+                              const at::Tensor& txt_logits, const at::Tensor& target,
+                              const at::Tensor& row_stats, const at::Tensor& batch_stats,
+                              double tau, int64_t reduction) {
+  check_forward_args(vis_logits, txt_logits, target, tau, reduction);
+  check_backward_args(grad_loss, vis_logits, row_stats, batch_stats, reduction);
+  const auto acc = acc_scalar_type(vis_logits.scalar_type());
+  return {grad_loss.to(acc),
+          with_unit_class_stride(vis_logits),
+          with_unit_class_stride(txt_logits),
+          row_stats.to(acc).contiguous(),
+          batch_stats.to(acc).contiguous(),
+          at::empty(vis_logits.sizes(), vis_logits.options()),
+          at::empty(txt_logits.sizes(), txt_logits.options())};
+}
+
 namespace {
 
 using at::vec::Vectorized;
-
-template <typename scalar_t>
-using acc_t_of = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
 // Loads one vector of the accumulation type; half types widen to float.
 template <typename acc_t, typename scalar_t>
@@ -240,25 +284,15 @@ void backward_row(const scalar_t* vis, const scalar_t* txt, int64_t C, int64_t l
 // Rows per task, so that a task holds about 64K columns.
 int64_t row_grain(int64_t C) { return std::max<int64_t>(1, (int64_t(1) << 16) / C); }
 
-template <typename acc_t>
-Params<acc_t> make_params(double tau, double lambda_v, double lambda_t, int64_t ignore_index) {
-  return Params<acc_t>{static_cast<acc_t>(1.0 / tau), static_cast<acc_t>(lambda_v),
-                       static_cast<acc_t>(lambda_t), ignore_index};
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> tes_loss_forward_cpu(
     const at::Tensor& vis_logits_in, const at::Tensor& txt_logits_in, const at::Tensor& target,
     double tau, double lambda_v, double lambda_t, int64_t ignore_index, int64_t reduction) {
-  check_forward_args(vis_logits_in, txt_logits_in, target, tau, reduction);
-  const at::Tensor vis_logits = with_unit_class_stride(vis_logits_in);
-  const at::Tensor txt_logits = with_unit_class_stride(txt_logits_in);
+  // Named tensors, not a structured binding: lambdas below capture them (C++17).
+  at::Tensor vis_logits, txt_logits, loss, row_stats, batch_stats;
+  std::tie(vis_logits, txt_logits, loss, row_stats, batch_stats) =
+      prepare_forward(vis_logits_in, txt_logits_in, target, tau, reduction);
   const int64_t B = vis_logits.size(0);
   const int64_t C = vis_logits.size(1);
-  const auto acc_options = vis_logits.options().dtype(acc_scalar_type(vis_logits.scalar_type()));
-  at::Tensor row_stats = at::empty({B, kNumRowStats}, acc_options);
-  at::Tensor batch_stats = at::empty({kNumBatchStats}, acc_options);
-  at::Tensor loss = reduction == kReduceNone ? at::empty({B}, acc_options)
-                                             : at::empty({}, acc_options);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, vis_logits.scalar_type(), "tes_loss_forward_cpu", [&] {
@@ -309,18 +343,12 @@ std::tuple<at::Tensor, at::Tensor> tes_loss_backward_cpu(
     const at::Tensor& txt_logits_in, const at::Tensor& target, const at::Tensor& row_stats_in,
     const at::Tensor& batch_stats_in, double tau, double lambda_v, double lambda_t,
     int64_t ignore_index, int64_t reduction) {
-  check_forward_args(vis_logits_in, txt_logits_in, target, tau, reduction);
-  check_backward_args(grad_loss_in, vis_logits_in, row_stats_in, batch_stats_in, reduction);
-  const at::Tensor vis_logits = with_unit_class_stride(vis_logits_in);
-  const at::Tensor txt_logits = with_unit_class_stride(txt_logits_in);
-  const auto acc_type = acc_scalar_type(vis_logits.scalar_type());
-  const at::Tensor grad_loss = grad_loss_in.to(acc_type);
-  const at::Tensor row_stats = row_stats_in.to(acc_type).contiguous();
-  const at::Tensor batch_stats = batch_stats_in.to(acc_type).contiguous();
+  at::Tensor grad_loss, vis_logits, txt_logits, row_stats, batch_stats, grad_vis, grad_txt;
+  std::tie(grad_loss, vis_logits, txt_logits, row_stats, batch_stats, grad_vis, grad_txt) =
+      prepare_backward(grad_loss_in, vis_logits_in, txt_logits_in, target, row_stats_in,
+                       batch_stats_in, tau, reduction);
   const int64_t B = vis_logits.size(0);
   const int64_t C = vis_logits.size(1);
-  at::Tensor grad_vis = at::empty({B, C}, vis_logits.options());
-  at::Tensor grad_txt = at::empty({B, C}, txt_logits.options());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, vis_logits.scalar_type(), "tes_loss_backward_cpu", [&] {

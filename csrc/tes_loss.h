@@ -22,6 +22,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define TESLOSS_HD __host__ __device__ __forceinline__
@@ -64,6 +65,17 @@ struct Params {
   acc_t lambda_t;
   int64_t ignore_index;
 };
+
+// Accumulation type: fp64 for fp64 logits, fp32 for every other dtype.
+template <typename scalar_t>
+using acc_t_of = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+template <typename acc_t>
+inline Params<acc_t> make_params(double tau, double lambda_v, double lambda_t,
+                                 int64_t ignore_index) {
+  return Params<acc_t>{static_cast<acc_t>(1.0 / tau), static_cast<acc_t>(lambda_v),
+                       static_cast<acc_t>(lambda_t), ignore_index};
+}
 
 TESLOSS_HD float tes_exp(float x) { return ::expf(x); }
 TESLOSS_HD double tes_exp(double x) { return ::exp(x); }

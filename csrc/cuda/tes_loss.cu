@@ -28,19 +28,17 @@
 namespace tesloss {
 
 // Defined in tes_loss.cpp and linked into the same library, so both devices
-// refuse the same arguments with the same messages.
-void check_forward_args(const at::Tensor& vis_logits, const at::Tensor& txt_logits,
-                        const at::Tensor& target, double tau, int64_t reduction);
-void check_backward_args(const at::Tensor& grad_loss, const at::Tensor& vis_logits,
-                         const at::Tensor& row_stats, const at::Tensor& batch_stats,
-                         int64_t reduction);
-at::Tensor with_unit_class_stride(const at::Tensor& logits);
-at::ScalarType acc_scalar_type(at::ScalarType t);
+// refuse the same arguments with the same messages and allocate alike.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prepare_forward(
+    const at::Tensor& vis_logits, const at::Tensor& txt_logits, const at::Tensor& target,
+    double tau, int64_t reduction);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+prepare_backward(const at::Tensor& grad_loss, const at::Tensor& vis_logits,
+                 const at::Tensor& txt_logits, const at::Tensor& target,
+                 const at::Tensor& row_stats, const at::Tensor& batch_stats, double tau,
+                 int64_t reduction);
 
 namespace {
-
-template <typename scalar_t>
-using acc_t_of = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
 constexpr int kPackBytes = 16;  // one 128-bit load or store
 // Columns a thread folds into one RowState before merging it into its running
@@ -612,12 +610,6 @@ int row_blocks(int64_t B, int rows_per_block, int threads_per_block, const Devic
   return static_cast<int>(std::min(needed, resident));
 }
 
-template <typename acc_t>
-Params<acc_t> make_params(double tau, double lambda_v, double lambda_t, int64_t ignore_index) {
-  return Params<acc_t>{static_cast<acc_t>(1.0 / tau), static_cast<acc_t>(lambda_v),
-                       static_cast<acc_t>(lambda_t), ignore_index};
-}
-
 // Columns are indexed with 32-bit integers inside a row, with room for a
 // sweep's stride past the last one.
 constexpr int64_t kMaxColumns = int64_t(1) << 30;
@@ -629,28 +621,18 @@ void check_cuda_args(const char* op, const at::Tensor& vis_logits) {
               kMaxColumns, " classes on CUDA, got ", vis_logits.size(1));
 }
 
-void check_on_device(const char* op, const char* name, const at::Tensor& tensor,
-                     const at::Tensor& vis_logits) {
-  TORCH_CHECK(tensor.device() == vis_logits.device(), op, ": ", name,
-              " must be on the device of vis_logits (", vis_logits.device(), "), got ",
-              tensor.device());
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> tes_loss_forward_cuda(
     const at::Tensor& vis_logits_in, const at::Tensor& txt_logits_in, const at::Tensor& target,
     double tau, double lambda_v, double lambda_t, int64_t ignore_index, int64_t reduction) {
-  check_forward_args(vis_logits_in, txt_logits_in, target, tau, reduction);
-  check_cuda_args("fused_tes_loss", vis_logits_in);
   const c10::cuda::CUDAGuard device_guard(vis_logits_in.device());
-  const at::Tensor vis_logits = with_unit_class_stride(vis_logits_in);
-  const at::Tensor txt_logits = with_unit_class_stride(txt_logits_in);
+  // Named tensors, not a structured binding: lambdas below capture them (C++17).
+  at::Tensor vis_logits, txt_logits, loss, row_stats, batch_stats;
+  std::tie(vis_logits, txt_logits, loss, row_stats, batch_stats) =
+      prepare_forward(vis_logits_in, txt_logits_in, target, tau, reduction);
+  check_cuda_args("fused_tes_loss", vis_logits);
   const int64_t B = vis_logits.size(0);
   const int64_t C = vis_logits.size(1);
-  const auto acc_options = vis_logits.options().dtype(acc_scalar_type(vis_logits.scalar_type()));
-  at::Tensor row_stats = at::empty({B, kNumRowStats}, acc_options);
-  at::Tensor batch_stats = at::empty({kNumBatchStats}, acc_options);
-  at::Tensor loss = reduction == kReduceNone ? at::empty({B}, acc_options)
-                                             : at::empty({}, acc_options);
+  const auto acc_options = row_stats.options();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const DeviceSize device = current_device_size();
   const int tpr = threads_per_row(B, C, device.sm_count * device.threads_per_sm);
@@ -699,24 +681,14 @@ std::tuple<at::Tensor, at::Tensor> tes_loss_backward_cuda(
     const at::Tensor& txt_logits_in, const at::Tensor& target, const at::Tensor& row_stats_in,
     const at::Tensor& batch_stats_in, double tau, double lambda_v, double lambda_t,
     int64_t ignore_index, int64_t reduction) {
-  constexpr const char* kOp = "tes_loss_backward";
-  check_forward_args(vis_logits_in, txt_logits_in, target, tau, reduction);
-  check_backward_args(grad_loss_in, vis_logits_in, row_stats_in, batch_stats_in, reduction);
-  check_cuda_args(kOp, vis_logits_in);
-  check_on_device(kOp, "grad_loss", grad_loss_in, vis_logits_in);
-  check_on_device(kOp, "row_stats", row_stats_in, vis_logits_in);
-  check_on_device(kOp, "batch_stats", batch_stats_in, vis_logits_in);
   const c10::cuda::CUDAGuard device_guard(vis_logits_in.device());
-  const at::Tensor vis_logits = with_unit_class_stride(vis_logits_in);
-  const at::Tensor txt_logits = with_unit_class_stride(txt_logits_in);
-  const auto acc_type = acc_scalar_type(vis_logits.scalar_type());
-  const at::Tensor grad_loss = grad_loss_in.to(acc_type);
-  const at::Tensor row_stats = row_stats_in.to(acc_type).contiguous();
-  const at::Tensor batch_stats = batch_stats_in.to(acc_type).contiguous();
+  at::Tensor grad_loss, vis_logits, txt_logits, row_stats, batch_stats, grad_vis, grad_txt;
+  std::tie(grad_loss, vis_logits, txt_logits, row_stats, batch_stats, grad_vis, grad_txt) =
+      prepare_backward(grad_loss_in, vis_logits_in, txt_logits_in, target, row_stats_in,
+                       batch_stats_in, tau, reduction);
+  check_cuda_args("tes_loss_backward", vis_logits);
   const int64_t B = vis_logits.size(0);
   const int64_t C = vis_logits.size(1);
-  at::Tensor grad_vis = at::empty({B, C}, vis_logits.options());
-  at::Tensor grad_txt = at::empty({B, C}, txt_logits.options());
   if (B == 0) return {grad_vis, grad_txt};
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const DeviceSize device = current_device_size();
