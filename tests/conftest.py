@@ -138,7 +138,9 @@ def scales(case):
     """Per-output error scales: rounding errs by about eps * |value| in each
     quantity the formulas add up, so a row's scale is the size of those.
 
-    Loss: 1 + |lse(z)| + <p_ref, |z|> + |z_y| + |lse(s)| + |s_y|.
+    Loss: 1 + |lse(z)| + <p_ref, |z|> + |z_y| + |lse(s)| + |s_y|, plus
+    lambda_v * <p_ref, |s| |z - <p_ref, z>|>: s = t / tau is rounded, and
+    <p_ref, z> moves with s by p_ref * (z - <p_ref, z>).
     Gradients: g * (1 + |lse(z)| + |lse(s)|), where g is the row's upstream
     gradient, times lambda_t / tau for the text gradient.
     """
@@ -150,7 +152,11 @@ def scales(case):
         lse_z = lse_s = ref_abs = z_y = s_y = torch.zeros(vis.shape[0], dtype=torch.float64)
     else:
         lse_z, lse_s = vis.logsumexp(1), txt.logsumexp(1)
-        ref_abs = (txt.softmax(1) * vis.abs()).nan_to_num().sum(1)
+        p_ref = txt.softmax(1)
+        ref_abs = (p_ref * vis.abs()).nan_to_num().sum(1)
+        ref_vis = (p_ref * vis).nan_to_num().sum(1, keepdim=True)
+        ref_abs = ref_abs + case.kwargs["lambda_v"] * (
+            p_ref * txt.abs() * (vis - ref_vis).abs()).nan_to_num().sum(1)
         z_y, s_y = vis.gather(1, label)[:, 0], txt.gather(1, label)[:, 0]
     loss_row = 1 + lse_z.abs() + ref_abs + z_y.abs() + lse_s.abs() + s_y.abs()
     grad_row = 1 + lse_z.abs() + lse_s.abs()
@@ -182,11 +188,10 @@ def assert_close(actual, expected, tol, scale, what):
     bad = ~both_nan & ~(err <= bound) & ~(actual == expected)  # == covers equal infinities
     if bad.any():
         idx = tuple(int(i) for i in bad.nonzero()[0]) if bad.dim() else ()
-        pytest.fail(
+        raise AssertionError(
             f"{what}: {int(bad.sum())} of {bad.numel()} elements off; first at {list(idx)}: "
             f"fused {actual[idx].item()!r}, reference {expected[idx].item()!r}, "
             f"|diff| {err[idx].item():.3e} > bound {torch.as_tensor(bound)[idx].item():.3e}",
-            pytrace=False,
         )
 
 
