@@ -183,16 +183,47 @@ void check_label(int64_t label, int64_t row, int64_t num_classes, const Params<a
 // sweeps, so the row is read from memory once.
 constexpr int64_t kBlock = 1024;
 
+// Sweep 2 of a block: the sums of exponentials, read from the buffer. The
+// products e * z and e * s need weighted() only where a weight of 0 meets an
+// infinite logit (masked classes); that guard costs a compare and a blend per
+// vector, so blocks are summed without it first and again with it only if a
+// product came out nan.
+template <bool kGuarded, typename acc_t>
+RowState<acc_t> block_state(const acc_t* vis_buf, const acc_t* txt_buf, int64_t n_padded,
+                            acc_t max_vis, acc_t max_txt) {
+  using Vec = Vectorized<acc_t>;
+  const Vec shift_vis(softmax_shift(max_vis)), shift_txt(softmax_shift(max_txt));
+  Vec sum_vis(0), sum_txt(0), dot_vis(0), dot_txt(0);
+  for (int64_t j = 0; j < n_padded; j += Vec::size()) {
+    const Vec z = Vec::loadu(vis_buf + j);
+    const Vec s = Vec::loadu(txt_buf + j);
+    sum_vis += tes_exp(z - shift_vis);
+    const Vec e = tes_exp(s - shift_txt);
+    sum_txt += e;
+    if constexpr (kGuarded) {
+      dot_vis += weighted(e, z);
+      dot_txt += weighted(e, s);
+    } else {
+      dot_vis = at::vec::fmadd(e, z, dot_vis);
+      dot_txt = at::vec::fmadd(e, s, dot_txt);
+    }
+  }
+  return RowState<acc_t>{max_vis, lane_sum(sum_vis), max_txt,
+                         lane_sum(sum_txt), lane_sum(dot_vis), lane_sum(dot_txt)};
+}
+
 // One row of the forward: the online softmax, a block of columns at a time.
 // Sweep 1 widens and scales the block into a buffer and finds its maxima;
 // sweep 2 sums the exponentials from the buffer. Padding the buffer's last
-// vector with -inf makes the padded lanes contribute exactly 0.
+// vector with the lowest finite value makes the padded lanes contribute 0.
 template <typename scalar_t, typename acc_t>
 void forward_row(const scalar_t* vis, const scalar_t* txt, int64_t C, int64_t label,
                  const Params<acc_t>& p, acc_t* out) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t W = Vec::size();
   constexpr acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  // Finite, so padded products are 0 * pad = 0, yet exp(pad - shift) = 0.
+  constexpr acc_t pad = std::numeric_limits<acc_t>::lowest();
   alignas(64) acc_t vis_buf[kBlock];
   alignas(64) acc_t txt_buf[kBlock];
   const Vec inv_tau(p.inv_tau);
@@ -215,27 +246,18 @@ void forward_row(const scalar_t* vis, const scalar_t* txt, int64_t C, int64_t la
     const int64_t n_padded = (n + W - 1) / W * W;
     for (int64_t j = n_full; j < n_padded; ++j) {
       const bool in_row = j < n;
-      vis_buf[j] = in_row ? static_cast<acc_t>(vis[start + j]) : neg_inf;
-      txt_buf[j] = in_row ? static_cast<acc_t>(txt[start + j]) * p.inv_tau : neg_inf;
+      vis_buf[j] = in_row ? static_cast<acc_t>(vis[start + j]) : pad;
+      txt_buf[j] = in_row ? static_cast<acc_t>(txt[start + j]) * p.inv_tau : pad;
       if (in_row) {
         max_vis = nan_max(max_vis, vis_buf[j]);
         max_txt = nan_max(max_txt, txt_buf[j]);
       }
     }
 
-    const Vec max_vis_b(softmax_shift(max_vis)), max_txt_b(softmax_shift(max_txt));
-    Vec sum_vis(0), sum_txt(0), dot_vis(0), dot_txt(0);
-    for (int64_t j = 0; j < n_padded; j += W) {
-      const Vec z = Vec::loadu(vis_buf + j);
-      const Vec s = Vec::loadu(txt_buf + j);
-      sum_vis += tes_exp(z - max_vis_b);
-      const Vec e = tes_exp(s - max_txt_b);
-      sum_txt += e;
-      dot_vis += weighted(e, z);
-      dot_txt += weighted(e, s);
+    RowState<acc_t> block = block_state<false>(vis_buf, txt_buf, n_padded, max_vis, max_txt);
+    if (std::isnan(block.ref_dot_vis) || std::isnan(block.ref_dot_txt)) {
+      block = block_state<true>(vis_buf, txt_buf, n_padded, max_vis, max_txt);
     }
-    const RowState<acc_t> block{max_vis, lane_sum(sum_vis), max_txt,
-                                lane_sum(sum_txt), lane_sum(dot_vis), lane_sum(dot_txt)};
     row = row_state_merge(row, block);
   }
   const acc_t z_label = static_cast<acc_t>(vis[label]);
