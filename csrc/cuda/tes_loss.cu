@@ -343,8 +343,9 @@ __device__ __forceinline__ RowState<acc_t> lanes_merge(RowState<acc_t> state) {
   return state;
 }
 
+// What both passes read: the rows of both logits and the labels.
 template <typename scalar_t, typename acc_t>
-struct ForwardArgs {
+struct RowInputs {
   const scalar_t* vis;
   const scalar_t* txt;
   const int64_t* labels;
@@ -354,6 +355,10 @@ struct ForwardArgs {
   int64_t B;
   int C;
   Params<acc_t> p;
+};
+
+template <typename scalar_t, typename acc_t>
+struct ForwardArgs : RowInputs<scalar_t, acc_t> {
   acc_t* row_stats;  // [B, kNumRowStats]
   acc_t* loss_rows;  // [B] for reduction "none", else null
   acc_t* partials;   // [gridDim.x, kNumPartials]
@@ -504,21 +509,12 @@ __global__ void __launch_bounds__(kFinishThreads)
 }
 
 template <typename scalar_t, typename acc_t>
-struct BackwardArgs {
-  const scalar_t* vis;
-  const scalar_t* txt;
-  const int64_t* labels;
+struct BackwardArgs : RowInputs<scalar_t, acc_t> {
   const acc_t* row_stats;    // [B, kNumRowStats], contiguous
   const acc_t* grad_loss;    // [B] or one value
   const acc_t* batch_stats;  // the count of rows not ignored, read here on the device
-  int64_t vis_stride;
-  int64_t txt_stride;
-  int64_t label_stride;
   int64_t grad_stride;
-  int64_t B;
-  int C;
   int64_t reduction;
-  Params<acc_t> p;
   scalar_t* grad_vis;  // [B, C], contiguous
   scalar_t* grad_txt;
 };
@@ -621,6 +617,21 @@ void check_cuda_args(const char* op, const at::Tensor& vis_logits) {
               kMaxColumns, " classes on CUDA, got ", vis_logits.size(1));
 }
 
+template <typename scalar_t, typename acc_t>
+void fill_row_inputs(RowInputs<scalar_t, acc_t>& in, const at::Tensor& vis_logits,
+                     const at::Tensor& txt_logits, const at::Tensor& target, double tau,
+                     double lambda_v, double lambda_t, int64_t ignore_index) {
+  in.vis = vis_logits.const_data_ptr<scalar_t>();
+  in.txt = txt_logits.const_data_ptr<scalar_t>();
+  in.labels = target.const_data_ptr<int64_t>();
+  in.vis_stride = vis_logits.stride(0);
+  in.txt_stride = txt_logits.stride(0);
+  in.label_stride = target.stride(0);
+  in.B = vis_logits.size(0);
+  in.C = static_cast<int>(vis_logits.size(1));
+  in.p = make_params<acc_t>(tau, lambda_v, lambda_t, ignore_index);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> tes_loss_forward_cuda(
     const at::Tensor& vis_logits_in, const at::Tensor& txt_logits_in, const at::Tensor& target,
     double tau, double lambda_v, double lambda_t, int64_t ignore_index, int64_t reduction) {
@@ -641,15 +652,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tes_loss_forward_cuda(
       at::kBFloat16, at::kHalf, vis_logits.scalar_type(), "tes_loss_forward_cuda", [&] {
         using acc_t = acc_t_of<scalar_t>;
         ForwardArgs<scalar_t, acc_t> args;
-        args.vis = vis_logits.const_data_ptr<scalar_t>();
-        args.txt = txt_logits.const_data_ptr<scalar_t>();
-        args.labels = target.const_data_ptr<int64_t>();
-        args.vis_stride = vis_logits.stride(0);
-        args.txt_stride = txt_logits.stride(0);
-        args.label_stride = target.stride(0);
-        args.B = B;
-        args.C = static_cast<int>(C);
-        args.p = make_params<acc_t>(tau, lambda_v, lambda_t, ignore_index);
+        fill_row_inputs(args, vis_logits, txt_logits, target, tau, lambda_v, lambda_t,
+                        ignore_index);
         args.row_stats = row_stats.mutable_data_ptr<acc_t>();
         args.loss_rows = reduction == kReduceNone ? loss.mutable_data_ptr<acc_t>() : nullptr;
         args.partials = nullptr;
@@ -698,20 +702,13 @@ std::tuple<at::Tensor, at::Tensor> tes_loss_backward_cuda(
       at::kBFloat16, at::kHalf, vis_logits.scalar_type(), "tes_loss_backward_cuda", [&] {
         using acc_t = acc_t_of<scalar_t>;
         BackwardArgs<scalar_t, acc_t> args;
-        args.vis = vis_logits.const_data_ptr<scalar_t>();
-        args.txt = txt_logits.const_data_ptr<scalar_t>();
-        args.labels = target.const_data_ptr<int64_t>();
+        fill_row_inputs(args, vis_logits, txt_logits, target, tau, lambda_v, lambda_t,
+                        ignore_index);
         args.row_stats = row_stats.const_data_ptr<acc_t>();
         args.grad_loss = grad_loss.const_data_ptr<acc_t>();
         args.batch_stats = batch_stats.const_data_ptr<acc_t>();
-        args.vis_stride = vis_logits.stride(0);
-        args.txt_stride = txt_logits.stride(0);
-        args.label_stride = target.stride(0);
         args.grad_stride = grad_loss.dim() == 1 ? grad_loss.stride(0) : 0;
-        args.B = B;
-        args.C = static_cast<int>(C);
         args.reduction = reduction;
-        args.p = make_params<acc_t>(tau, lambda_v, lambda_t, ignore_index);
         args.grad_vis = grad_vis.mutable_data_ptr<scalar_t>();
         args.grad_txt = grad_txt.mutable_data_ptr<scalar_t>();
         with_row_shape(tpr, [&](auto threads, auto rows) {
