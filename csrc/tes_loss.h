@@ -97,9 +97,20 @@ TESLOSS_HD acc_t weighted(acc_t e, acc_t x) {
 
 #if !defined(__CUDACC__) && !defined(__HIPCC__)
 // Vector forms of the element functions, for the CPU kernel.
+// For float, ATen's exp_u20, a short polynomial, instead of SLEEF's 1-ulp exp:
+// it makes the CPU kernels about a quarter faster and the fp32 results no less
+// accurate (measured against the fp64 reference: the rounding of s = t / tau
+// and of the log-sum-exps dominates). Unlike exp, it maps nan to a large
+// number: a caller whose arguments can be nan must not use it there (a nan
+// logit makes a row's max, and so every argument of that row, nan). fp64
+// keeps the exact exp.
 template <typename T>
 inline at::vec::Vectorized<T> tes_exp(const at::vec::Vectorized<T>& x) {
-  return x.exp();
+  if constexpr (std::is_same_v<T, float>) {
+    return x.exp_u20();
+  } else {
+    return x.exp();
+  }
 }
 
 template <typename T>

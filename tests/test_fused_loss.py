@@ -108,13 +108,26 @@ def test_empty_batch(reduction):
     assert vis.grad.shape == (0, 10) and txt.grad.shape == (0, 10)
 
 
+@pytest.mark.parametrize("num_classes", [33, 1000, 2500])
 @pytest.mark.parametrize("where", ["vis", "txt"])
-def test_nan_in_the_logits_reaches_the_loss(where):
-    vis, txt = torch.randn(4, 33), torch.randn(4, 33)
-    (vis if where == "vis" else txt)[2, 20] = math.nan
-    losses = tesloss.fused_tes_loss(vis, txt, torch.tensor([1, 2, 3, 4]), reduction="none")
-    assert torch.isnan(losses[2]) and torch.isfinite(losses[[0, 1, 3]]).all()
-    assert torch.isnan(tesloss.fused_tes_loss(vis, txt, torch.tensor([1, 2, 3, 4])))
+def test_nan_in_the_logits_reaches_the_loss_and_the_gradients(where, num_classes):
+    vis, txt = torch.randn(4, num_classes), torch.randn(4, num_classes)
+    (vis if where == "vis" else txt)[2, num_classes - 13] = math.nan
+    target = torch.tensor([1, 2, 3, 4])
+    assert torch.isnan(tesloss.fused_tes_loss(vis, txt, target))
+    got = run_plain(tesloss.fused_tes_loss, vis, txt, target)
+    expected = run_plain(reference_tes_loss, vis.double(), txt.double(), target)
+    assert torch.isnan(got[0][2]) and torch.isfinite(got[0][[0, 1, 3]]).all()
+    for name, g, e in zip(("loss", "grad vis_logits", "grad txt_logits"), got, expected):
+        assert torch.equal(torch.isnan(g), torch.isnan(e)), f"{name}: nan where the reference has"
+        torch.testing.assert_close(g.double().nan_to_num(), e.nan_to_num(), rtol=1e-5, atol=1e-5)
+
+
+def run_plain(loss_fn, vis, txt, target):
+    vis, txt = vis.clone().requires_grad_(), txt.clone().requires_grad_()
+    losses = loss_fn(vis, txt, target, reduction="none")
+    losses.sum().backward()
+    return losses.detach(), vis.grad, txt.grad
 
 
 def test_masked_text_classes_give_a_finite_loss_and_kl():
