@@ -49,8 +49,10 @@ def fused_tes_loss(vis_logits, txt_logits, target, *, tau=0.03, lambda_v=0.1, la
         ``(loss, parts)``. Gradients reach ``vis_logits`` and ``txt_logits``
         in their own dtypes.
     """
-    vis_logits, txt_logits = _check(vis_logits, txt_logits, target, tau, lambda_v, lambda_t,
-                                    ignore_index, reduction)
+    _check(vis_logits, txt_logits, target, tau, lambda_v, lambda_t, ignore_index, reduction)
+    if vis_logits.dtype != txt_logits.dtype:  # the kernels read one dtype
+        common = torch.promote_types(vis_logits.dtype, txt_logits.dtype)
+        vis_logits, txt_logits = vis_logits.to(common), txt_logits.to(common)
     if not _ops.has_kernel(vis_logits.device.type):
         return _fallback(vis_logits, txt_logits, target, tau=tau, lambda_v=lambda_v,
                          lambda_t=lambda_t, ignore_index=ignore_index, reduction=reduction,
@@ -100,10 +102,6 @@ def _check(vis_logits, txt_logits, target, tau, lambda_v, lambda_t, ignore_index
     if reduction not in _REDUCTIONS:
         raise ValueError(f"fused_tes_loss: reduction must be one of {list(_REDUCTIONS)}, "
                          f"got {reduction!r}")
-    if vis_logits.dtype != txt_logits.dtype:
-        common = torch.promote_types(vis_logits.dtype, txt_logits.dtype)
-        vis_logits, txt_logits = vis_logits.to(common), txt_logits.to(common)
-    return vis_logits, txt_logits
 
 
 def _check_number(name, value, expected, ok):
