@@ -38,6 +38,10 @@ TOLERANCES = {
     torch.float64: Tolerance(rtol=1e-12, atol=1e-12),
     torch.float32: Tolerance(rtol=1e-5, atol=1e-5),
 }
+# Spot checks of one fixed fp32 input (graph replay, streams, devices), where no
+# conditioning scale is computed: bounds far looser than the kernels' error that
+# still catch a kernel reading the wrong data.
+SPOT_CHECK = {"loss": Tolerance(rtol=1e-4, atol=1e-4), "grad": Tolerance(rtol=1e-4, atol=1e-7)}
 # bf16 / fp16: the fused error against fp64 may be at most FACTOR times the
 # error of the reference computed in that dtype, plus the fp32 floor (the fused
 # op accumulates in fp32, so it cannot beat fp32).
