@@ -437,7 +437,7 @@ def test_runs_on_the_current_stream():
     ref_vis = new.double().requires_grad_()
     ref = reference_tes_loss(ref_vis, txt.double(), target)
     ref.backward()
-    torch.testing.assert_close(loss.double(), ref, rtol=SPOT_CHECK["loss"].rtol, atol=SPOT_CHECK["loss"].atol)
+    torch.testing.assert_close(loss.double(), ref, rtol=TOLERANCES[torch.float32].rtol, atol=TOLERANCES[torch.float32].atol)
     torch.testing.assert_close(grad_vis.double(), ref_vis.grad, rtol=SPOT_CHECK["grad"].rtol, atol=SPOT_CHECK["grad"].atol)
 
 
@@ -451,7 +451,7 @@ def test_runs_on_the_inputs_device_not_the_current_one():
         loss.backward()
     ref = reference_tes_loss(vis.detach().double(), txt.double(), target)
     assert loss.device == vis.grad.device == torch.device("cuda:1")
-    torch.testing.assert_close(loss.double(), ref, rtol=SPOT_CHECK["loss"].rtol, atol=SPOT_CHECK["loss"].atol)
+    torch.testing.assert_close(loss.double(), ref, rtol=TOLERANCES[torch.float32].rtol, atol=TOLERANCES[torch.float32].atol)
 
 
 def test_forward_and_backward_are_three_kernel_launches():
