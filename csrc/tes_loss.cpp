@@ -279,8 +279,9 @@ void backward_row(const scalar_t* vis, const scalar_t* txt, int64_t C, int64_t l
 
   const Vec lse_vis_v(lse_vis), lse_txt_v(lse_txt), g_v(g), g_txt_v(g_txt);
   const Vec lambda_v_v(p.lambda_v), one_minus_v(one_minus_lambda_v), zero(0), inv_tau(p.inv_tau);
-  // A row with a nan logit has a nan log-sum-exp; the vector exp would not
-  // keep that nan, so such a row takes the scalar path for every column.
+  // A row with a nan logit has a nan log-sum-exp; the vector exp of AVX2
+  // builds (exp_u20) would not keep that nan, so such a row takes the scalar
+  // path for every column.
   const bool finite_row = !std::isnan(lse_vis) && !std::isnan(lse_txt);
   const int64_t n_full = finite_row ? C - C % W : 0;
   for (int64_t j = 0; j < n_full; j += W) {
