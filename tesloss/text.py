@@ -355,14 +355,18 @@ def encoder_from_spec(spec, device="cpu"):
     raise ValueError(f"encoder spec must be one of: {'; '.join(ENCODER_SPECS)}; got {spec!r}")
 
 
+def _nonempty_list(caller, name, value, expected, item):
+    # A str is a sequence too, and would silently become one entry per character.
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise TypeError(f"{caller}: {name} must be {expected}, got {type(value).__name__}")
+    items = list(value)
+    if not items:
+        raise ValueError(f"{caller}: {name} must hold at least one {item}, got none")
+    return items
+
+
 def _check_classnames(caller, classnames):
-    # A str is a sequence too, and would silently become one class per character.
-    if isinstance(classnames, (str, bytes)) or not hasattr(classnames, "__iter__"):
-        raise TypeError(f"{caller}: classnames must be a sequence of str, "
-                        f"got {type(classnames).__name__}")
-    names = list(classnames)
-    if not names:
-        raise ValueError(f"{caller}: classnames must hold at least one class name, got none")
+    names = _nonempty_list(caller, "classnames", classnames, "a sequence of str", "class name")
     for index, name in enumerate(names):
         if not isinstance(name, str) or not name.strip():
             raise ValueError(f"{caller}: classnames[{index}] must be a non-empty str, "
@@ -371,12 +375,8 @@ def _check_classnames(caller, classnames):
 
 
 def _check_templates(caller, templates):
-    if isinstance(templates, (str, bytes)) or not hasattr(templates, "__iter__"):
-        raise TypeError(f"{caller}: templates must be a sequence of str such as "
-                        f"{DEFAULT_TEMPLATES}, got {type(templates).__name__}")
-    templates = list(templates)
-    if not templates:
-        raise ValueError(f"{caller}: templates must hold at least one template, got none")
+    templates = _nonempty_list(caller, "templates", templates,
+                               f"a sequence of str such as {DEFAULT_TEMPLATES}", "template")
     for index, template in enumerate(templates):
         # Strings only: they are saved as metadata, which a callable could not be.
         if not isinstance(template, str) or "{}" not in template:
