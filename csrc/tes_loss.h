@@ -97,7 +97,7 @@ TESLOSS_HD acc_t weighted(acc_t e, acc_t x) {
 
 #if !defined(__CUDACC__) && !defined(__HIPCC__)
 // Vector forms of the element functions, for the CPU kernel.
-// For float: exp_avx512 above where the kernels are built for AVX-512, else
+// For float (see tes_exp below): exp_avx512 where the kernels are built for AVX-512, else
 // ATen's exp_u20, a short polynomial. Both are much cheaper than SLEEF's 1-ulp
 // exp (the CPU kernels spend most of their time in exp) and leave the fp32
 // results as accurate as SLEEF does, measured against the fp64 reference: the
