@@ -154,21 +154,21 @@ inline void store_acc(scalar_t* ptr, const Vectorized<acc_t>& v) {
   }
 }
 
+// Horizontal sum and max of one vector, by halving shuffles (at::vec).
 template <typename acc_t>
 inline acc_t lane_sum(const Vectorized<acc_t>& v) {
-  alignas(64) acc_t lanes[Vectorized<acc_t>::size()];
-  v.store(lanes);
-  acc_t total = 0;
-  for (int k = 0; k < Vectorized<acc_t>::size(); ++k) total += lanes[k];
-  return total;
+  return at::vec::vec_reduce_all<acc_t>(
+      [](const Vectorized<acc_t>& a, const Vectorized<acc_t>& b) { return a + b; }, v);
 }
 
+// Not nan-aware: the forward finds nan logits another way (block_row_state).
 template <typename acc_t>
-inline acc_t lane_max(const Vectorized<acc_t>& v, acc_t init) {
-  alignas(64) acc_t lanes[Vectorized<acc_t>::size()];
-  v.store(lanes);
-  for (int k = 0; k < Vectorized<acc_t>::size(); ++k) init = nan_max(init, lanes[k]);
-  return init;
+inline acc_t lane_max(const Vectorized<acc_t>& v) {
+  return at::vec::vec_reduce_all<acc_t>(
+      [](const Vectorized<acc_t>& a, const Vectorized<acc_t>& b) {
+        return at::vec::clamp_min(a, b);
+      },
+      v);
 }
 
 template <typename acc_t>
@@ -179,86 +179,115 @@ void check_label(int64_t label, int64_t row, int64_t num_classes, const Params<a
                     ") or ignore_index (", p.ignore_index, ")");
 }
 
-// Columns per block. A block's z and s (as acc_t) stay in L1 between its two
-// sweeps, so the row is read from memory once.
+// The last `count` (< one vector) elements of a row, widened to acc_t and
+// padded with zeros to a whole vector.
+template <typename acc_t, typename scalar_t>
+inline Vectorized<acc_t> load_acc_tail(const scalar_t* ptr, int64_t count) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return Vectorized<acc_t>::loadu(ptr, count);  // a masked load where the ISA has one
+  }
+  alignas(64) acc_t lanes[Vectorized<acc_t>::size()] = {};
+  for (int64_t k = 0; k < count; ++k) lanes[k] = static_cast<acc_t>(ptr[k]);
+  return Vectorized<acc_t>::loadu(lanes);
+}
+
+// Columns per block: a block of z and t stays in L1 between the forward's two
+// sweeps over it, so the row is read from memory once.
 constexpr int64_t kBlock = 1024;
 
-// Sweep 2 of a block: the sums of exponentials, read from the buffer. The
-// products e * z and e * s need weighted() only where a weight of 0 meets an
-// infinite logit (masked classes); that guard costs a compare and a blend per
-// vector, so blocks are summed without it first and again with it only if a
+// The forward's second sweep over a block of n columns: the sums of
+// exponentials, given the block's maxima. The last, partial vector is
+// zero-padded and its padded lanes get weight 0. The products e * z and e * t
+// need weighted() only where a weight of 0 meets an infinite logit (masked
+// classes); that guard costs a compare and a blend per vector, so blocks are
+// summed without it first (kGuarded = false) and again with it only if a
 // product came out nan.
-template <bool kGuarded, typename acc_t>
-RowState<acc_t> block_state(const acc_t* vis_buf, const acc_t* txt_buf, int64_t n_padded,
-                            acc_t max_vis, acc_t max_txt) {
+template <bool kGuarded, typename scalar_t, typename acc_t>
+RowState<acc_t> block_state(const scalar_t* vis, const scalar_t* txt, int64_t n,
+                            acc_t inv_tau, acc_t max_vis, acc_t max_txt) {
   using Vec = Vectorized<acc_t>;
-  const Vec shift_vis(softmax_shift(max_vis)), shift_txt(softmax_shift(max_txt));
+  constexpr int64_t W = Vec::size();
+  const Vec shift_vis(softmax_shift(max_vis)), zero(0);
+  const ScaledExp<acc_t> exp_txt(inv_tau, softmax_shift(max_txt));  // exp(t / tau - shift)
+  // dot_txt sums e * t; times 1 / tau at the end, it is the sum of e * s.
   Vec sum_vis(0), sum_txt(0), dot_vis(0), dot_txt(0);
-  for (int64_t j = 0; j < n_padded; j += Vec::size()) {
-    const Vec z = Vec::loadu(vis_buf + j);
-    const Vec s = Vec::loadu(txt_buf + j);
-    sum_vis += tes_exp(z - shift_vis);
-    const Vec e = tes_exp(s - shift_txt);
+  const auto add = [&](const Vec& z, const Vec& t, int64_t lanes) {
+    Vec e_vis = tes_exp(z - shift_vis);
+    Vec e = exp_txt(t);
+    if (lanes < W) {
+      e_vis = Vec::set(zero, e_vis, lanes);
+      e = Vec::set(zero, e, lanes);
+    }
+    sum_vis += e_vis;
     sum_txt += e;
     if constexpr (kGuarded) {
       dot_vis += weighted(e, z);
-      dot_txt += weighted(e, s);
+      dot_txt += weighted(e, t);
     } else {
       dot_vis = at::vec::fmadd(e, z, dot_vis);
-      dot_txt = at::vec::fmadd(e, s, dot_txt);
+      dot_txt = at::vec::fmadd(e, t, dot_txt);
     }
+  };
+  const int64_t n_full = n - n % W;
+  for (int64_t j = 0; j < n_full; j += W) {
+    add(load_acc<acc_t>(vis + j), load_acc<acc_t>(txt + j), W);
   }
-  return RowState<acc_t>{max_vis, lane_sum(sum_vis), max_txt,
-                         lane_sum(sum_txt), lane_sum(dot_vis), lane_sum(dot_txt)};
+  if (n_full < n) {
+    add(load_acc_tail<acc_t>(vis + n_full, n - n_full),
+        load_acc_tail<acc_t>(txt + n_full, n - n_full), n - n_full);
+  }
+  return RowState<acc_t>{max_vis, lane_sum(sum_vis), max_txt, lane_sum(sum_txt),
+                         lane_sum(dot_vis), lane_sum(dot_txt) * inv_tau};
 }
 
-// One row of the forward: the online softmax, a block of columns at a time.
-// Sweep 1 widens and scales the block into a buffer and finds its maxima;
-// sweep 2 sums the exponentials from the buffer. Padding the buffer's last
-// vector with the lowest finite value makes the padded lanes contribute 0.
+// The statistics of one block of n columns: its maxima (first sweep), then
+// block_state (second sweep). The first sweep's max does not look for nan: a
+// nan logit makes a product in the second sweep nan, and so does a weight of 0
+// against an infinite logit; either sends the block down the careful path,
+// which takes maxima that keep nan (so a nan logit makes the row's loss nan)
+// and guards the products.
 template <typename scalar_t, typename acc_t>
-void forward_row(const scalar_t* vis, const scalar_t* txt, int64_t C, int64_t label,
-                 const Params<acc_t>& p, acc_t* out) {
+RowState<acc_t> block_row_state(const scalar_t* vis, const scalar_t* txt, int64_t n,
+                                acc_t inv_tau) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t W = Vec::size();
   constexpr acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
-  // Finite, so padded products are 0 * pad = 0, yet exp(pad - shift) = 0.
-  constexpr acc_t pad = std::numeric_limits<acc_t>::lowest();
-  alignas(64) acc_t vis_buf[kBlock];
-  alignas(64) acc_t txt_buf[kBlock];
-  const Vec inv_tau(p.inv_tau);
+  Vec max_vis_v(neg_inf), max_txt_v(neg_inf);
+  const int64_t n_full = n - n % W;
+  for (int64_t j = 0; j < n_full; j += W) {
+    max_vis_v = at::vec::clamp_min(max_vis_v, load_acc<acc_t>(vis + j));
+    max_txt_v = at::vec::clamp_min(max_txt_v, load_acc<acc_t>(txt + j));
+  }
+  if (n_full < n) {
+    const Vec pad(neg_inf);
+    max_vis_v = at::vec::clamp_min(
+        max_vis_v, Vec::set(pad, load_acc_tail<acc_t>(vis + n_full, n - n_full), n - n_full));
+    max_txt_v = at::vec::clamp_min(
+        max_txt_v, Vec::set(pad, load_acc_tail<acc_t>(txt + n_full, n - n_full), n - n_full));
+  }
+  // max(t) / tau is max(t / tau): tau > 0 and rounding is monotone.
+  const acc_t max_vis = lane_max(max_vis_v);
+  const acc_t max_txt = lane_max(max_txt_v) * inv_tau;
+  RowState<acc_t> block = block_state<false>(vis, txt, n, inv_tau, max_vis, max_txt);
+  if (std::isnan(block.ref_dot_vis) || std::isnan(block.ref_dot_txt)) {
+    acc_t careful_max_vis = neg_inf, careful_max_txt = neg_inf;
+    for (int64_t j = 0; j < n; ++j) {
+      careful_max_vis = nan_max(careful_max_vis, static_cast<acc_t>(vis[j]));
+      careful_max_txt = nan_max(careful_max_txt, static_cast<acc_t>(txt[j]) * inv_tau);
+    }
+    block = block_state<true>(vis, txt, n, inv_tau, careful_max_vis, careful_max_txt);
+  }
+  return block;
+}
 
-  RowState<acc_t> row = row_state_empty<acc_t>();
-  for (int64_t start = 0; start < C; start += kBlock) {
-    const int64_t n = std::min(kBlock, C - start);
-    const int64_t n_full = n - n % W;
-    Vec max_vis_v(neg_inf), max_txt_v(neg_inf);
-    for (int64_t j = 0; j < n_full; j += W) {
-      const Vec z = load_acc<acc_t>(vis + start + j);
-      const Vec s = load_acc<acc_t>(txt + start + j) * inv_tau;
-      z.store(vis_buf + j);
-      s.store(txt_buf + j);
-      max_vis_v = at::vec::maximum(max_vis_v, z);
-      max_txt_v = at::vec::maximum(max_txt_v, s);
-    }
-    acc_t max_vis = lane_max(max_vis_v, neg_inf);
-    acc_t max_txt = lane_max(max_txt_v, neg_inf);
-    const int64_t n_padded = (n + W - 1) / W * W;
-    for (int64_t j = n_full; j < n_padded; ++j) {
-      const bool in_row = j < n;
-      vis_buf[j] = in_row ? static_cast<acc_t>(vis[start + j]) : pad;
-      txt_buf[j] = in_row ? static_cast<acc_t>(txt[start + j]) * p.inv_tau : pad;
-      if (in_row) {
-        max_vis = nan_max(max_vis, vis_buf[j]);
-        max_txt = nan_max(max_txt, txt_buf[j]);
-      }
-    }
-
-    RowState<acc_t> block = block_state<false>(vis_buf, txt_buf, n_padded, max_vis, max_txt);
-    if (std::isnan(block.ref_dot_vis) || std::isnan(block.ref_dot_txt)) {
-      block = block_state<true>(vis_buf, txt_buf, n_padded, max_vis, max_txt);
-    }
-    row = row_state_merge(row, block);
+// One row of the forward: the online softmax, a block of columns at a time.
+template <typename scalar_t, typename acc_t>
+void forward_row(const scalar_t* vis, const scalar_t* txt, int64_t C, int64_t label,
+                 const Params<acc_t>& p, acc_t* out) {
+  RowState<acc_t> row = block_row_state(vis, txt, std::min(kBlock, C), p.inv_tau);
+  for (int64_t start = kBlock; start < C; start += kBlock) {
+    row = row_state_merge(
+        row, block_row_state(vis + start, txt + start, std::min(kBlock, C - start), p.inv_tau));
   }
   const acc_t z_label = static_cast<acc_t>(vis[label]);
   const acc_t s_label = static_cast<acc_t>(txt[label]) * p.inv_tau;
@@ -277,34 +306,55 @@ void backward_row(const scalar_t* vis, const scalar_t* txt, int64_t C, int64_t l
   const acc_t one_minus_lambda_v = acc_t(1) - p.lambda_v;
   const acc_t g_txt = g * p.lambda_t * p.inv_tau;
 
-  const Vec lse_vis_v(lse_vis), lse_txt_v(lse_txt), g_v(g), g_txt_v(g_txt);
-  const Vec lambda_v_v(p.lambda_v), one_minus_v(one_minus_lambda_v), zero(0), inv_tau(p.inv_tau);
+  const Vec lse_vis_v(lse_vis), g_v(g), g_txt_v(g_txt);
+  const Vec lambda_v_v(p.lambda_v), one_minus_v(one_minus_lambda_v), zero(0);
+  const ScaledExp<acc_t> p_ref_of(p.inv_tau, lse_txt);  // softmax(t / tau)
   // A row with a nan logit has a nan log-sum-exp; the vector exp of AVX2
   // builds (exp_u20) would not keep that nan, so such a row takes the scalar
   // path for every column.
-  const bool finite_row = !std::isnan(lse_vis) && !std::isnan(lse_txt);
-  const int64_t n_full = finite_row ? C - C % W : 0;
+  if (std::isnan(lse_vis) || std::isnan(lse_txt)) {
+    for (int64_t j = 0; j < C; ++j) {
+      const acc_t onehot = j == label ? acc_t(1) : acc_t(0);
+      const acc_t p_v = softmax_prob(static_cast<acc_t>(vis[j]), lse_vis);
+      const acc_t p_ref = softmax_prob(static_cast<acc_t>(txt[j]) * p.inv_tau, lse_txt);
+      grad_vis[j] = static_cast<scalar_t>(
+          vis_grad(p_v, p_ref, onehot, g, p.lambda_v, one_minus_lambda_v));
+      grad_txt[j] = static_cast<scalar_t>(txt_grad(p_ref, onehot, g_txt));
+    }
+    return;
+  }
+  // Whole vectors with onehot = 0; then the last, partial vector, zero-padded;
+  // then the label's column again, with onehot = 1.
+  const auto grads = [&](const Vec& z, const Vec& t, Vec& gv, Vec& gt) {
+    const Vec p_v = softmax_prob(z, lse_vis_v);
+    const Vec p_ref = p_ref_of(t);
+    gv = vis_grad(p_v, p_ref, zero, g_v, lambda_v_v, one_minus_v);
+    gt = txt_grad(p_ref, zero, g_txt_v);
+  };
+  const int64_t n_full = C - C % W;
+  Vec gv, gt;
   for (int64_t j = 0; j < n_full; j += W) {
-    const Vec p_v = softmax_prob(load_acc<acc_t>(vis + j), lse_vis_v);
-    const Vec p_ref = softmax_prob(load_acc<acc_t>(txt + j) * inv_tau, lse_txt_v);
-    store_acc(grad_vis + j, vis_grad(p_v, p_ref, zero, g_v, lambda_v_v, one_minus_v));
-    store_acc(grad_txt + j, txt_grad(p_ref, zero, g_txt_v));
+    grads(load_acc<acc_t>(vis + j), load_acc<acc_t>(txt + j), gv, gt);
+    store_acc(grad_vis + j, gv);
+    store_acc(grad_txt + j, gt);
   }
-  for (int64_t j = n_full; j < C; ++j) {
-    const acc_t onehot = j == label ? acc_t(1) : acc_t(0);
-    const acc_t p_v = softmax_prob(static_cast<acc_t>(vis[j]), lse_vis);
-    const acc_t p_ref = softmax_prob(static_cast<acc_t>(txt[j]) * p.inv_tau, lse_txt);
-    grad_vis[j] = static_cast<scalar_t>(
-        vis_grad(p_v, p_ref, onehot, g, p.lambda_v, one_minus_lambda_v));
-    grad_txt[j] = static_cast<scalar_t>(txt_grad(p_ref, onehot, g_txt));
+  if (n_full < C) {
+    grads(load_acc_tail<acc_t>(vis + n_full, C - n_full),
+          load_acc_tail<acc_t>(txt + n_full, C - n_full), gv, gt);
+    alignas(64) acc_t vis_tail[W];
+    alignas(64) acc_t txt_tail[W];
+    gv.store(vis_tail);
+    gt.store(txt_tail);
+    for (int64_t k = 0; k < C - n_full; ++k) {
+      grad_vis[n_full + k] = static_cast<scalar_t>(vis_tail[k]);
+      grad_txt[n_full + k] = static_cast<scalar_t>(txt_tail[k]);
+    }
   }
-  if (label < n_full) {  // the label's column went through the vector loop with onehot = 0
-    const acc_t p_v = softmax_prob(static_cast<acc_t>(vis[label]), lse_vis);
-    const acc_t p_ref = softmax_prob(static_cast<acc_t>(txt[label]) * p.inv_tau, lse_txt);
-    grad_vis[label] = static_cast<scalar_t>(
-        vis_grad(p_v, p_ref, acc_t(1), g, p.lambda_v, one_minus_lambda_v));
-    grad_txt[label] = static_cast<scalar_t>(txt_grad(p_ref, acc_t(1), g_txt));
-  }
+  const acc_t p_v = softmax_prob(static_cast<acc_t>(vis[label]), lse_vis);
+  const acc_t p_ref = softmax_prob(static_cast<acc_t>(txt[label]) * p.inv_tau, lse_txt);
+  grad_vis[label] = static_cast<scalar_t>(
+      vis_grad(p_v, p_ref, acc_t(1), g, p.lambda_v, one_minus_lambda_v));
+  grad_txt[label] = static_cast<scalar_t>(txt_grad(p_ref, acc_t(1), g_txt));
 }
 
 // Rows per task, so that a task holds about 64K columns.

@@ -102,22 +102,20 @@ TESLOSS_HD acc_t weighted(acc_t e, acc_t x) {
 // exp (the CPU kernels spend most of their time in exp) and leave the fp32
 // results as accurate as SLEEF does, measured against the fp64 reference: the
 // rounding of s = t / tau and of the log-sum-exps dominates. exp_u20 maps nan
-// to a large number, so a caller whose arguments can be nan must not rely on
-// either for nan (a nan logit makes a row's max, and so every argument of that
-// row, nan). fp64 keeps the exact exp.
+// to a large number, so no caller relies on exp to carry a nan: the forward
+// finds nan logits through the products e * z and e * t, the backward through
+// the row's log-sum-exps. fp64 keeps the exact exp.
 #if defined(CPU_CAPABILITY_AVX512)
-// exp of 16 floats in ten instructions, as 2^n * 2^f with n = round(x log2 e):
-// a degree-5 polynomial for 2^f on [-1/2, 1/2] (relative error 1.4e-7, fitted
-// for this file) and vscalefps for 2^n, which also gives inf on overflow.
-// Arguments below -128 are clamped there, which keeps -inf from turning into
-// nan and still gives exactly 0 (the products e * z rely on that); max() keeps
-// a nan argument nan. Its error, like exp_u20's, comes from rounding x log2 e
-// and stays far below the fp32 rounding of t / tau (tests/conftest.py).
-inline at::vec::Vectorized<float> exp_avx512(const at::vec::Vectorized<float>& x) {
-  const __m512 a = _mm512_max_ps(_mm512_set1_ps(-128.f), x);
-  const __m512 t = _mm512_mul_ps(a, _mm512_set1_ps(1.44269504088896341f));
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(t, n);
+// 2^t of 16 floats in eight instructions, as 2^n * 2^f with n = round(t) and
+// f = t - n: vreduceps gives f exactly, and gives 0 for t = +-inf, so 2^-inf
+// = 0 and 2^inf = inf need no clamp; a degree-5 polynomial gives 2^f on
+// [-1/2, 1/2] (relative error 1.4e-7, fitted for this file); vscalefps gives
+// 2^n, inf on overflow and 0 on underflow. A nan stays nan. Its error, like
+// exp_u20's, stays far below the fp32 rounding of t / tau (tests/conftest.py).
+inline __m512 exp2_avx512(__m512 t) {
+  constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  const __m512 n = _mm512_roundscale_ps(t, kNearest);
+  const __m512 f = _mm512_reduce_ps(t, kNearest);
   __m512 p = _mm512_set1_ps(0.0013266970636323094f);
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.009675459936261177f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.05550742521882057f));
@@ -125,6 +123,12 @@ inline at::vec::Vectorized<float> exp_avx512(const at::vec::Vectorized<float>& x
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931469440460205f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0000001192092896f));
   return _mm512_scalef_ps(p, n);
+}
+
+constexpr float kLog2e = 1.44269504088896341f;
+
+inline at::vec::Vectorized<float> exp_avx512(const at::vec::Vectorized<float>& x) {
+  return exp2_avx512(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)));
 }
 #endif
 
@@ -140,6 +144,39 @@ inline at::vec::Vectorized<T> tes_exp(const at::vec::Vectorized<T>& x) {
     return x.exp();
   }
 }
+
+// exp(x * scale - shift) of vectors x, for one scale and shift: the text
+// logits' exp(t / tau - shift), where s = t / tau is never needed by itself.
+template <typename T>
+class ScaledExp {
+ public:
+  ScaledExp(T scale, T shift) : scale_(scale), shift_(shift) {}
+  at::vec::Vectorized<T> operator()(const at::vec::Vectorized<T>& x) const {
+    return tes_exp(x * scale_ - shift_);
+  }
+
+ private:
+  at::vec::Vectorized<T> scale_, shift_;
+};
+
+#if defined(CPU_CAPABILITY_AVX512)
+// On AVX-512, the scaling, the shift and the change to base 2 are one fma:
+// 2^(x * (scale log2 e) - shift log2 e). Rounding scale log2 e and shift log2 e
+// errs by about as much as rounding t / tau does, which the tests allow for.
+template <>
+class ScaledExp<float> {
+ public:
+  ScaledExp(float scale, float shift)
+      : scale_log2e_(_mm512_set1_ps(scale * kLog2e)),
+        shift_log2e_(_mm512_set1_ps(shift * kLog2e)) {}
+  at::vec::Vectorized<float> operator()(const at::vec::Vectorized<float>& x) const {
+    return exp2_avx512(_mm512_fmsub_ps(x, scale_log2e_, shift_log2e_));
+  }
+
+ private:
+  __m512 scale_log2e_, shift_log2e_;
+};
+#endif
 
 template <typename T>
 inline at::vec::Vectorized<T> weighted(const at::vec::Vectorized<T>& e,

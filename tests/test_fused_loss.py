@@ -108,9 +108,11 @@ def test_empty_batch(reduction):
     assert vis.grad.shape == (0, 10) and txt.grad.shape == (0, 10)
 
 
+@pytest.mark.parametrize("column_from_end", [13, 1])  # in a whole vector; in the last, partial one
 @pytest.mark.parametrize("num_classes", [33, 1000, 2500])
 @pytest.mark.parametrize("where", ["vis", "txt"])
-def test_nan_in_the_logits_reaches_the_loss_and_the_gradients(where, num_classes):
+def test_nan_in_the_logits_reaches_the_loss_and_the_gradients(where, num_classes,
+                                                              column_from_end):
     gen = torch.Generator().manual_seed(num_classes)
     vis = torch.randn(4, num_classes, generator=gen)
     txt = torch.rand(4, num_classes, generator=gen) * 2 - 1
@@ -118,7 +120,7 @@ def test_nan_in_the_logits_reaches_the_loss_and_the_gradients(where, num_classes
     clean = Case(vis.clone(), txt.clone(), target, torch.ones(4, dtype=torch.float64),
                  dict(tau=0.03, lambda_v=0.1, lambda_t=0.3, ignore_index=-100,
                       reduction="none"))
-    (vis if where == "vis" else txt)[2, num_classes - 13] = math.nan
+    (vis if where == "vis" else txt)[2, num_classes - column_from_end] = math.nan
     assert torch.isnan(tesloss.fused_tes_loss(vis, txt, target))
     got = run_plain(tesloss.fused_tes_loss, vis, txt, target)
     expected = run_plain(reference_tes_loss, vis.double(), txt.double(), target)
