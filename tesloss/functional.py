@@ -57,7 +57,7 @@ def fused_tes_loss(vis_logits, txt_logits, target, *, tau=0.03, lambda_v=0.1, la
         return _fallback(vis_logits, txt_logits, target, tau=tau, lambda_v=lambda_v,
                          lambda_t=lambda_t, ignore_index=ignore_index, reduction=reduction,
                          return_parts=return_parts)
-    loss, _, batch_stats = torch.ops.tesloss.tes_loss_forward(
+    loss, _, batch_stats = _ops.FORWARD(
         vis_logits, txt_logits, target, float(tau), float(lambda_v), float(lambda_t),
         int(ignore_index), _REDUCTIONS[reduction],
     )
@@ -106,7 +106,10 @@ def _check(vis_logits, txt_logits, target, tau, lambda_v, lambda_t, ignore_index
 
 def _check_number(name, value, expected, ok):
     # A tensor is refused too: reading its value would synchronize with the device.
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    # The exact-type test first is only for speed: isinstance against the
+    # numbers ABC costs more than the rest of a check.
+    if type(value) is not float and type(value) is not int and (
+            isinstance(value, bool) or not isinstance(value, numbers.Real)):
         raise TypeError(f"fused_tes_loss: {name} must be {expected} (a Python number), "
                         f"got {type(value).__name__}")
     if not ok(float(value)):  # nan fails every comparison
