@@ -45,9 +45,12 @@ moves more than this shows it as a lower gbps. pct_of_peak compares gbps with th
 bandwidth measured in the same run (torch copy_ of a large buffer, read plus write bytes):
 device-to-device on CUDA, memory-to-memory on the CPU.
 
-Timing: after warm-up calls, the providers are called in turn, one call each per round, so
-load on a shared machine falls on all of them alike; median, 20th and 80th percentiles are
-reported.
+Timing: after warm-up calls, the providers take turns, so load on a shared machine falls on
+all of them alike; median, 20th and 80th percentiles of single calls are reported. On CUDA a
+turn is one call. On the CPU a turn is RUN_LENGTH (10) calls in a row, so a provider runs with
+its own code and data in the caches, as a loss does on logits just computed, instead of after
+two other providers' calls have evicted them (one call per turn made every provider slower
+here, tesloss at (256, 1000) by about 0.05 ms of its 0.17).
   CPU   time.perf_counter around each call; caches are not flushed, so shapes whose inputs
         fit in the CPU caches run from them.
   CUDA  CUDA events around each call, started from an idle GPU (synchronized first), so the
@@ -56,6 +59,15 @@ reported.
         twice the L2; the printed table says for which shapes. Peak memory is
         torch.cuda.max_memory_allocated during one extra call, minus what was allocated
         before it.
+
+Allocator (CPU): glibc's malloc hands large blocks back to the kernel when they are freed
+(munmap, heap trimming) by thresholds it adapts as the process runs, so whether a 1 MB
+gradient lands on pages already mapped or on fresh ones that fault in (hundreds of page
+faults, a third of a millisecond here) depends on the process's history: the same provider
+measured 0.76 or 1.5 ms at (256, 1000) from one run to the next. The benchmark therefore
+fixes the thresholds first (mallopt: mmap threshold 32 MiB, trim threshold 1 GiB), so
+freed memory stays mapped, as in a training process that has run a while; every provider
+gets the same allocator. --glibc-defaults leaves glibc's adaptive defaults.
 
 Output: a table on stdout (with tesloss's speedup over each other provider), optionally a
 Markdown table of the full-mode results (--markdown), and rows appended to a CSV (default
@@ -67,6 +79,7 @@ Examples
   python bench/bench_loss.py --shapes 256x1000 --dtypes fp32,bf16 --modes full --markdown
 """
 import argparse
+import ctypes
 import csv
 import datetime
 import gc
@@ -118,6 +131,7 @@ HALF_GATE_FACTOR, HALF_GATE_FLOOR = 2.0, 1e-2
 # across all providers, within [min, max].
 REP_BUDGET_S = {"cpu": 1.5, "cuda": 0.5}
 REP_RANGE = {"cpu": (10, 200), "cuda": (20, 200)}
+RUN_LENGTH = {"cpu": 10, "cuda": 1}  # calls in a row per provider per turn (see Timing)
 COPY_BYTES = {"cpu": 256 << 20, "cuda": 1 << 30}  # both well above the last-level cache
 
 
@@ -151,6 +165,9 @@ def parse_args(argv=None):
                         help="CPU threads for torch (default: torch's own choice). On a machine "
                              "shared with other work, fewer threads than cores avoids parallel "
                              "regions stalling on a descheduled thread")
+    parser.add_argument("--glibc-defaults", action="store_true",
+                        help="CPU: keep glibc malloc's adaptive mmap/trim thresholds instead of "
+                             "fixing them (see Allocator above)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
@@ -255,6 +272,21 @@ class Timer:
             elapsed = (time.perf_counter() - begin) * 1e3
         del out  # freed after the clock stopped
         return elapsed
+
+
+def keep_freed_memory_mapped():
+    """Fixes glibc malloc's mmap and trim thresholds (see Allocator in the module docstring).
+    Returns what the allocator line of the report says."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return "allocator: not glibc; left as it is"
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+    if not (mallopt(m_mmap_threshold, 32 << 20) and mallopt(m_trim_threshold, 1 << 30)):
+        return "allocator: glibc refused mallopt; left with its adaptive thresholds"
+    return ("allocator: glibc malloc with fixed thresholds (mmap 32 MiB, trim 1 GiB), so "
+            "freed memory stays mapped")
 
 
 def copy_bandwidth_gbps(device, timer):
@@ -419,9 +451,11 @@ def time_mode(mode, fns, inputs, timer, args, flush):
             wanted = math.ceil(REP_BUDGET_S[args.device] * 1e3 / max(estimate, 1e-6))
             reps = min(high, max(low, wanted))
         times = {name: [] for name in fns}
-        for _ in range(reps):
+        run_length = RUN_LENGTH[args.device]
+        for _ in range(math.ceil(reps / run_length)):
             for name, fn in fns.items():
-                times[name].append(timer.measure(timed, setup(fn), flush))
+                for _ in range(run_length):
+                    times[name].append(timer.measure(timed, setup(fn), flush))
     finally:
         gc.enable()
     peaks = {}
@@ -581,7 +615,10 @@ def markdown_table(rows, machine, copy_gbps):
     header = (["shape (B×C)", "dtype"] + [f"{labels[name]} ms" for name in present]
               + [f"vs {labels[name]}" for name in peers if "tesloss" in present]
               + (["tesloss GB/s (% of copy)"] if "tesloss" in present else []))
-    lines = [f"Forward + backward, median of interleaved calls; {machine['device_name']}, "
+    turns = ("one call per turn" if RUN_LENGTH[machine["device"]] == 1
+             else f"turns of {RUN_LENGTH[machine['device']]} calls")
+    lines = [f"Forward + backward, median of single calls, providers taking {turns}; "
+             f"{machine['device_name']}, "
              f"{machine['threads']}, torch {machine['torch_version']}, "
              f"copy bandwidth {copy_gbps:.1f} GB/s.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -610,6 +647,8 @@ def main(argv=None):
     device = args.device
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    allocator = ("allocator: glibc's adaptive defaults (--glibc-defaults)"
+                 if args.glibc_defaults else keep_freed_memory_mapped())
     timer = Timer(device)
     n_threads = torch.get_num_threads()
     threads = (f"{n_threads} thread{'s' if n_threads > 1 else ''}" if device == "cpu"
@@ -632,8 +671,11 @@ def main(argv=None):
         print("timing: CUDA events from an idle GPU, launch overhead included; median and "
               "p20/p80 over interleaved calls")
     else:
-        print("timing: perf_counter per call, no cache flush (shapes that fit in the CPU caches "
-              "run from them, so % copy can pass 100); median and p20/p80 over interleaved calls")
+        print(f"timing: perf_counter per call, no cache flush (shapes that fit in the CPU caches "
+              f"run from them, so % copy can pass 100); providers take turns of "
+              f"{RUN_LENGTH['cpu']} calls; median and p20/p80 of single calls")
+    if device == "cpu":
+        print(allocator)
     print("max_rel_err: max over loss, grad_vis, grad_txt of max|x - x64| / max|x64| against "
           "the float64 reference on the same inputs")
 
