@@ -647,8 +647,9 @@ def main(argv=None):
     device = args.device
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    allocator = ("allocator: glibc's adaptive defaults (--glibc-defaults)"
-                 if args.glibc_defaults else keep_freed_memory_mapped())
+    if device == "cpu":
+        allocator = ("allocator: glibc's adaptive defaults (--glibc-defaults)"
+                     if args.glibc_defaults else keep_freed_memory_mapped())
     timer = Timer(device)
     n_threads = torch.get_num_threads()
     threads = (f"{n_threads} thread{'s' if n_threads > 1 else ''}" if device == "cpu"
