@@ -92,7 +92,7 @@ def test_two_gloo_ranks_give_the_single_process_gradients(tmp_path):
     assert all(grad.abs().sum() > 0 for grad in expected.values())
 
     for rank in range(WORLD):
-        grads = torch.load(tmp_path / f"rank{rank}.pt")
+        grads = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         assert grads.keys() == expected.keys()
         worst = max((grads[name] - expected[name]).abs().max().item() for name in expected)
         assert worst < 1e-5, f"rank {rank}: max gradient difference {worst:.3g}"
