@@ -333,7 +333,19 @@ void backward_row(const scalar_t* vis, const scalar_t* txt, int64_t C, int64_t l
   };
   const int64_t n_full = C - C % W;
   Vec gv, gt;
-  for (int64_t j = 0; j < n_full; j += W) {
+  int64_t j = 0;
+  if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+    // A vector of a half type holds two float vectors: convert them back
+    // together, which costs what converting one alone does.
+    Vec gv_hi, gt_hi;
+    for (; j + 2 * W <= C; j += 2 * W) {
+      grads(load_acc<acc_t>(vis + j), load_acc<acc_t>(txt + j), gv, gt);
+      grads(load_acc<acc_t>(vis + j + W), load_acc<acc_t>(txt + j + W), gv_hi, gt_hi);
+      at::vec::convert_from_float<scalar_t>(gv, gv_hi).store(grad_vis + j);
+      at::vec::convert_from_float<scalar_t>(gt, gt_hi).store(grad_txt + j);
+    }
+  }
+  for (; j < n_full; j += W) {
     grads(load_acc<acc_t>(vis + j), load_acc<acc_t>(txt + j), gv, gt);
     store_acc(grad_vis + j, gv);
     store_acc(grad_txt + j, gt);
