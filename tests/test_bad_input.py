@@ -64,6 +64,17 @@ def test_zero_classes():
         tesloss.fused_tes_loss(torch.randn(4, 0), torch.randn(4, 0), torch.zeros(4, dtype=torch.long))
 
 
+@pytest.mark.parametrize("which", ["vis", "txt", "target"])
+def test_tensors_on_different_devices(which):
+    # The meta device stands in for a GPU here: a check that only compared
+    # CPU and CUDA tensors would let it through.
+    v, t, y = good()
+    moved = {"vis": v, "txt": t, "target": y}[which].to("meta")
+    with pytest.raises(ValueError, match=r"fused_tes_loss: vis_logits, txt_logits and target "
+                                         r"must be on one device, got .*meta"):
+        call(**{which: moved})
+
+
 def test_shape_mismatch():
     with pytest.raises(ValueError, match=r"txt_logits must have the shape of vis_logits "
                                          r"\[4, 10\], got \[4, 11\]"):
