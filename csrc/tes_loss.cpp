@@ -119,11 +119,16 @@ BackwardPrep prepare_backward(const at::Tensor& grad_loss, const at::Tensor& vis
   check_forward_args(vis_logits, txt_logits, target, tau, reduction);
   check_backward_args(grad_loss, vis_logits, row_stats, batch_stats, reduction);
   const auto acc = acc_scalar_type(vis_logits.scalar_type());
-  return {grad_loss.to(acc),
+  // Checked first: even a .to() that returns its input costs a dispatch.
+  // grad_loss keeps its strides (a [B] gradient may be an expanded scalar).
+  const auto as_acc = [acc](const at::Tensor& t) {
+    return t.scalar_type() == acc ? t : t.to(acc);
+  };
+  return {as_acc(grad_loss),
           with_unit_class_stride(vis_logits),
           with_unit_class_stride(txt_logits),
-          row_stats.to(acc).contiguous(),
-          batch_stats.to(acc).contiguous(),
+          as_acc(row_stats).contiguous(),
+          as_acc(batch_stats).contiguous(),
           at::empty(vis_logits.sizes(), vis_logits.options()),
           at::empty(txt_logits.sizes(), txt_logits.options())};
 }
@@ -522,11 +527,15 @@ class TesLossFunction : public torch::autograd::Function<TesLossFunction> {
     ctx->saved_data["ignore_index"] = ignore_index;
     ctx->saved_data["reduction"] = reduction;
     ctx->mark_non_differentiable({row_stats, batch_stats});
+    // The statistics get no gradient; without this, autograd would allocate
+    // (and on a GPU, fill) zero gradients for them before every backward.
+    ctx->set_materialize_grads(false);
     return {loss, row_stats, batch_stats};
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
+    if (!grads[0].defined()) return torch::autograd::variable_list(8);  // no gradient reached the loss
     const auto saved = ctx->get_saved_variables();
     auto [grad_vis, grad_txt] = call_backward(
         grads[0], saved[0], saved[1], saved[2], saved[3], saved[4],

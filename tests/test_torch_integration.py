@@ -118,6 +118,24 @@ def test_results_are_bitwise_deterministic_and_thread_count_independent(dtype):
                        for x, y in zip(a, b))
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_the_backward_runs_the_op_and_allocates_the_two_gradients_nothing_else(reduction):
+    # No zero gradients for the statistics outputs, no dtype casts, no copies:
+    # on a GPU each of those would be a kernel launch (tests/test_cuda.py counts them).
+    vis = torch.randn(16, 40, requires_grad=True)
+    txt = torch.randn(16, 40, requires_grad=True)
+    target = torch.randint(0, 40, (16,))
+    loss = tesloss.fused_tes_loss(vis, txt, target, reduction=reduction)
+    grad_out = torch.ones_like(loss)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        torch.autograd.grad(loss, (vis, txt), grad_out)
+    ops = [event.name for event in prof.events() if "::" in event.name
+           and not event.name.startswith(("autograd::", "torch::autograd::"))]
+    assert ops.count("tesloss::tes_loss_backward") == 1, ops
+    others = [name for name in ops if name != "tesloss::tes_loss_backward"]
+    assert len(others) == 2 and all(name.startswith("aten::empty") for name in others), ops
+
+
 def test_missing_extension_falls_back_to_the_reference_and_warns_once(monkeypatch):
     monkeypatch.setattr(_ops, "has_kernel", lambda device: False)
     monkeypatch.setattr(functional, "_warned_fallback", set())
