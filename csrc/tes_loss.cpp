@@ -374,8 +374,9 @@ void backward_row(const scalar_t* vis, const scalar_t* txt, int64_t C, int64_t l
   grad_txt[label] = static_cast<scalar_t>(txt_grad(p_ref, acc_t(1), g_txt));
 }
 
-// Rows per task, so that a task holds about 64K columns.
-int64_t row_grain(int64_t C) { return std::max<int64_t>(1, (int64_t(1) << 16) / C); }
+// Rows per task, so that a task holds about 16K columns: at (256, 100) two
+// threads beat one by more than the fork and join cost (0.034 -> 0.024 ms).
+int64_t row_grain(int64_t C) { return std::max<int64_t>(1, (int64_t(1) << 14) / C); }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> tes_loss_forward_cpu(
     const at::Tensor& vis_logits_in, const at::Tensor& txt_logits_in, const at::Tensor& target,
