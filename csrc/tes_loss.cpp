@@ -196,6 +196,16 @@ inline Vectorized<acc_t> load_acc_tail(const scalar_t* ptr, int64_t count) {
   return Vectorized<acc_t>::loadu(lanes);
 }
 
+// v in the first `count` lanes and `fill` in the rest (Vec::set does this with
+// a 16-way switch that the compiler leaves as a call).
+template <typename acc_t>
+inline Vectorized<acc_t> first_lanes(const Vectorized<acc_t>& v, const Vectorized<acc_t>& fill,
+                                     int64_t count) {
+  using Vec = Vectorized<acc_t>;
+  const Vec lane = Vec::arange(acc_t(0), acc_t(1));
+  return Vec::blendv(fill, v, lane < Vec(static_cast<acc_t>(count)));
+}
+
 // Columns per block: a block of z and t stays in L1 between the forward's two
 // sweeps over it, so the row is read from memory once.
 constexpr int64_t kBlock = 1024;
@@ -220,8 +230,8 @@ RowState<acc_t> block_state(const scalar_t* vis, const scalar_t* txt, int64_t n,
     Vec e_vis = tes_exp(z - shift_vis);
     Vec e = exp_txt(t);
     if (lanes < W) {
-      e_vis = Vec::set(zero, e_vis, lanes);
-      e = Vec::set(zero, e, lanes);
+      e_vis = first_lanes(e_vis, zero, lanes);
+      e = first_lanes(e, zero, lanes);
     }
     sum_vis += e_vis;
     sum_txt += e;
@@ -266,9 +276,9 @@ RowState<acc_t> block_row_state(const scalar_t* vis, const scalar_t* txt, int64_
   if (n_full < n) {
     const Vec pad(neg_inf);
     max_vis_v = at::vec::clamp_min(
-        max_vis_v, Vec::set(pad, load_acc_tail<acc_t>(vis + n_full, n - n_full), n - n_full));
+        max_vis_v, first_lanes(load_acc_tail<acc_t>(vis + n_full, n - n_full), pad, n - n_full));
     max_txt_v = at::vec::clamp_min(
-        max_txt_v, Vec::set(pad, load_acc_tail<acc_t>(txt + n_full, n - n_full), n - n_full));
+        max_txt_v, first_lanes(load_acc_tail<acc_t>(txt + n_full, n - n_full), pad, n - n_full));
   }
   // max(t) / tau is max(t / tau): tau > 0 and rounding is monotone.
   const acc_t max_vis = lane_max(max_vis_v);
