@@ -324,18 +324,19 @@ void backward_row(const scalar_t* vis, const scalar_t* txt, int64_t C, int64_t l
   const Vec lse_vis_v(lse_vis), g_v(g), g_txt_v(g_txt);
   const Vec lambda_v_v(p.lambda_v), one_minus_v(one_minus_lambda_v), zero(0);
   const ScaledExp<acc_t> p_ref_of(p.inv_tau, lse_txt);  // softmax(t / tau)
+  // One column in scalar arithmetic, the label's (onehot = 1) or another's.
+  const auto scalar_column = [&](int64_t j, acc_t onehot) {
+    const acc_t p_v = softmax_prob(static_cast<acc_t>(vis[j]), lse_vis);
+    const acc_t p_ref = softmax_prob(static_cast<acc_t>(txt[j]) * p.inv_tau, lse_txt);
+    grad_vis[j] = static_cast<scalar_t>(
+        vis_grad(p_v, p_ref, onehot, g, p.lambda_v, one_minus_lambda_v));
+    grad_txt[j] = static_cast<scalar_t>(txt_grad(p_ref, onehot, g_txt));
+  };
   // A row with a nan logit has a nan log-sum-exp; the vector exp of AVX2
   // builds (exp_u20) would not keep that nan, so such a row takes the scalar
   // path for every column.
   if (std::isnan(lse_vis) || std::isnan(lse_txt)) {
-    for (int64_t j = 0; j < C; ++j) {
-      const acc_t onehot = j == label ? acc_t(1) : acc_t(0);
-      const acc_t p_v = softmax_prob(static_cast<acc_t>(vis[j]), lse_vis);
-      const acc_t p_ref = softmax_prob(static_cast<acc_t>(txt[j]) * p.inv_tau, lse_txt);
-      grad_vis[j] = static_cast<scalar_t>(
-          vis_grad(p_v, p_ref, onehot, g, p.lambda_v, one_minus_lambda_v));
-      grad_txt[j] = static_cast<scalar_t>(txt_grad(p_ref, onehot, g_txt));
-    }
+    for (int64_t j = 0; j < C; ++j) scalar_column(j, j == label ? acc_t(1) : acc_t(0));
     return;
   }
   // Whole vectors with onehot = 0; then the last, partial vector, zero-padded;
@@ -377,11 +378,7 @@ void backward_row(const scalar_t* vis, const scalar_t* txt, int64_t C, int64_t l
       grad_txt[n_full + k] = static_cast<scalar_t>(txt_tail[k]);
     }
   }
-  const acc_t p_v = softmax_prob(static_cast<acc_t>(vis[label]), lse_vis);
-  const acc_t p_ref = softmax_prob(static_cast<acc_t>(txt[label]) * p.inv_tau, lse_txt);
-  grad_vis[label] = static_cast<scalar_t>(
-      vis_grad(p_v, p_ref, acc_t(1), g, p.lambda_v, one_minus_lambda_v));
-  grad_txt[label] = static_cast<scalar_t>(txt_grad(p_ref, acc_t(1), g_txt));
+  scalar_column(label, acc_t(1));
 }
 
 // Rows per task, so that a task holds about 16K columns: at (256, 100) two
