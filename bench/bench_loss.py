@@ -50,7 +50,7 @@ all of them alike; median, 20th and 80th percentiles of single calls are reporte
 turn is one call. On the CPU a turn is RUN_LENGTH (10) calls in a row, so a provider runs with
 its own code and data in the caches, as a loss does on logits just computed, instead of after
 two other providers' calls have evicted them (one call per turn made every provider slower
-here, tesloss at (256, 1000) by about 0.05 ms of its 0.17).
+here: tesloss at (256, 1000) took 0.211 ms instead of 0.167, eager 0.91 instead of 0.79).
   CPU   time.perf_counter around each call; caches are not flushed, so shapes whose inputs
         fit in the CPU caches run from them.
   CUDA  CUDA events around each call, started from an idle GPU (synchronized first), so the
