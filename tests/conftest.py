@@ -49,6 +49,9 @@ HALF_RULE_FACTOR = 2.0
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 ALL_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 REDUCTIONS = ("mean", "sum", "none")
+# Class counts that reach each CUDA launch shape (threads per row 8, 32, 128,
+# 512) and the packed path's head, body and scalar rest.
+EDGE_CLASSES = (1, 7, 8, 9, 100, 1000, 1001, 4097, 9000)
 
 
 @dataclasses.dataclass
@@ -201,6 +204,85 @@ def assert_close(actual, expected, tol, scale, what):
             f"fused {actual[idx].item()!r}, reference {expected[idx].item()!r}, "
             f"|diff| {err[idx].item():.3e} > bound {torch.as_tensor(bound)[idx].item():.3e}",
         )
+
+
+def assert_matches_reference(case, dtype, fused, in_dtype=None, where=""):
+    """The spec every kernel is held to. `fused` is (loss, grad vis_logits,
+    grad txt_logits) from a kernel run on the case cast to `dtype`. Full
+    precision: within the tolerance table of the fp64 reference. Half types: an
+    error against the fp64 reference at most HALF_RULE_FACTOR times that of
+    `in_dtype`, the same outputs of the reference run in that dtype (on the
+    kernel's device), plus the fp32 floor: the op accumulates in fp32."""
+    fused = [x.cpu() for x in fused]
+    exact = [x.cpu() for x in run_reference64(case)]
+    case_scales = [torch.as_tensor(x).cpu() for x in scales(case)]
+    names = ("loss", "grad vis_logits", "grad txt_logits")
+    loss_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    assert fused[0].dtype == loss_dtype, f"{dtype} inputs give a {loss_dtype} loss{where}"
+    assert fused[1].dtype == fused[2].dtype == dtype, f"gradients come back in {dtype}{where}"
+    if dtype not in HALF_DTYPES:
+        for name, f, e, scale in zip(names, fused, exact, case_scales):
+            assert_close(f, e, TOLERANCES[dtype], scale, f"{name} ({dtype}{where})")
+        return
+    floor = TOLERANCES[torch.float32].atol
+    for name, f, r, e, scale in zip(names, fused, [x.cpu() for x in in_dtype], exact,
+                                    case_scales):
+        allowed = HALF_RULE_FACTOR * max_error(r, e) + floor * (
+            float(scale.max()) if scale.numel() else 0.0)
+        err = max_error(f, e)
+        assert err < math.inf, (f"{name} in {dtype}{where}: nan or inf where the fp64 "
+                                "reference has none")
+        assert err <= allowed, (f"{name} in {dtype}{where}: fused error {err:.3e} > "
+                                f"{HALF_RULE_FACTOR} x reference-in-{dtype} error "
+                                f"{max_error(r, e):.3e} (+fp32 floor)")
+
+
+def placed(x, offset, row_stride):
+    """x laid out with its first element `offset` elements into a buffer and
+    rows `row_stride` apart: an offset that is not a multiple of 16 bytes
+    leaves every row misaligned for 128-bit access. The padding holds 1e4, so
+    a kernel that reads past a row's end gets a visibly wrong loss."""
+    batch, num_classes = x.shape
+    buffer = torch.full((offset + batch * row_stride,), 1e4, dtype=x.dtype)
+    out = buffer.as_strided(x.shape, (row_stride, 1), offset)
+    out.copy_(x)
+    return out
+
+
+def shifted(case, vis_offset, txt_offset, pad):
+    num_classes = case.shape[1]
+    return dataclasses.replace(
+        case, vis_logits=placed(case.vis_logits, vis_offset, num_classes + pad),
+        txt_logits=placed(case.txt_logits, txt_offset, num_classes + pad))
+
+
+def draw_case(data, dtype, max_b=64, max_c=9000):
+    """tes_cases, some moved to misaligned rows, vis and txt at different
+    offsets (then no column can be read as a 128-bit pack of both)."""
+    case = data.draw(tes_cases(dtype, max_b=max_b, max_c=max_c))
+    if data.draw(st.booleans()):
+        case = shifted(case, data.draw(st.integers(0, 9)), data.draw(st.integers(0, 9)),
+                       data.draw(st.integers(0, 9)))
+    return case
+
+
+# Where edge_case puts its rows: (vis offset, txt offset, row padding) in elements.
+ROW_LAYOUTS = {"contiguous": (0, 0, 0), "offset 1": (1, 1, 0), "offsets differ": (1, 2, 0),
+               "row stride +5": (0, 0, 5)}
+
+
+def edge_case(dtype, num_classes, layout, batch=37):
+    """A fixed recipe-parameter problem with every fifth row ignored, its rows
+    laid out as ROW_LAYOUTS[layout] says."""
+    gen = torch.Generator().manual_seed(num_classes)
+    vis = torch.randn(batch, num_classes, generator=gen, dtype=torch.float64) * 4
+    txt = torch.rand(batch, num_classes, generator=gen, dtype=torch.float64) * 2 - 1
+    target = torch.randint(0, num_classes, (batch,), generator=gen)
+    target[::5] = -100
+    case = Case(vis.to(dtype), txt.to(dtype), target,
+                torch.tensor(0.37, dtype=torch.float64),
+                dict(tau=0.03, lambda_v=0.1, lambda_t=0.3, ignore_index=-100, reduction="mean"))
+    return shifted(case, *ROW_LAYOUTS[layout])
 
 
 def max_error(actual, expected):

@@ -14,8 +14,9 @@ import textwrap
 
 import pytest
 import torch
-from conftest import (HALF_DTYPES, HALF_RULE_FACTOR, SPOT_CHECK, TOLERANCES, Case, Tolerance,
-                      assert_close, max_error, run, run_reference64, scales, tes_cases)
+from conftest import (ALL_DTYPES, EDGE_CLASSES, HALF_DTYPES, ROW_LAYOUTS, SPOT_CHECK, TOLERANCES,
+                      Case, Tolerance, assert_close, assert_matches_reference, draw_case,
+                      edge_case, run, scales)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -26,10 +27,6 @@ from tesloss.reference import tes_loss as reference_tes_loss
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ALL_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
-# Shapes that reach each launch shape (threads per row 8, 32, 128, 512) and the
-# packed path's head, body and scalar rest.
-EDGE_CLASSES = (1, 7, 8, 9, 100, 1000, 1001, 4097, 9000)
 
 
 @pytest.fixture(autouse=True)
@@ -57,24 +54,6 @@ def on_device(x, dtype=None, device="cuda"):
     return out.detach()
 
 
-def placed(x, offset, row_stride):
-    """x laid out with its first element `offset` elements into a buffer and
-    rows `row_stride` apart: an offset that is not a multiple of 16 bytes
-    leaves every row misaligned for 128-bit access."""
-    batch, num_classes = x.shape
-    buffer = torch.full((offset + batch * row_stride,), 1e4, dtype=x.dtype)
-    out = buffer.as_strided(x.shape, (row_stride, 1), offset)
-    out.copy_(x)
-    return out
-
-
-def shifted(case, vis_offset, txt_offset, pad):
-    num_classes = case.shape[1]
-    return dataclasses.replace(
-        case, vis_logits=placed(case.vis_logits, vis_offset, num_classes + pad),
-        txt_logits=placed(case.txt_logits, txt_offset, num_classes + pad))
-
-
 def run_cuda(loss_fn, case, dtype=None, **extra):
     """Loss and both gradients on the GPU, inputs in their CPU layout; results on the CPU."""
     vis = on_device(case.vis_logits, dtype).requires_grad_()
@@ -84,42 +63,10 @@ def run_cuda(loss_fn, case, dtype=None, **extra):
     return loss.detach().cpu(), vis.grad.cpu(), txt.grad.cpu()
 
 
-def to_cpu(tensors):
-    return tuple(torch.as_tensor(x).cpu() for x in tensors)
-
-
 def check_against_reference(case, dtype):
-    """Full precision: conftest's tolerance table. Half types: the fused error
-    against fp64 is at most HALF_RULE_FACTOR times the error of the reference
-    run in that dtype (on the same device), plus the fp32 floor."""
     fused = run_cuda(tesloss.fused_tes_loss, case, dtype)
-    exact = to_cpu(run_reference64(case))
-    names = ("loss", "grad vis_logits", "grad txt_logits")
-    assert fused[0].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    assert fused[1].dtype == fused[2].dtype == dtype
-    if dtype not in HALF_DTYPES:
-        for name, f, e, scale in zip(names, fused, exact, to_cpu(scales(case))):
-            assert_close(f, e, TOLERANCES[dtype], scale, f"{name} ({dtype}, cuda)")
-        return
-    in_dtype = run_cuda(reference_tes_loss, case, dtype)
-    floor = TOLERANCES[torch.float32].atol
-    for name, f, r, e, scale in zip(names, fused, in_dtype, exact, to_cpu(scales(case))):
-        allowed = HALF_RULE_FACTOR * max_error(r, e) + floor * (
-            float(scale.max()) if scale.numel() else 0.0)
-        err = max_error(f, e)
-        assert err <= allowed, (f"{name} in {dtype} on cuda: fused error {err:.3e} > "
-                                f"{HALF_RULE_FACTOR} x reference-in-{dtype} error "
-                                f"{max_error(r, e):.3e} (+fp32 floor)")
-
-
-def draw_case(data, dtype, max_b=64, max_c=9000):
-    """conftest's TeS problems, some moved to misaligned rows, vis and txt at
-    different offsets (then no column can be read as a 128-bit pack of both)."""
-    case = data.draw(tes_cases(dtype, max_b=max_b, max_c=max_c))
-    if data.draw(st.booleans()):
-        case = shifted(case, data.draw(st.integers(0, 9)), data.draw(st.integers(0, 9)),
-                       data.draw(st.integers(0, 9)))
-    return case
+    in_dtype = run_cuda(reference_tes_loss, case, dtype) if dtype in HALF_DTYPES else None
+    assert_matches_reference(case, dtype, fused, in_dtype, where=", cuda")
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
@@ -131,20 +78,9 @@ def test_values_and_gradients_match_the_fp64_reference(dtype, data):
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
 @pytest.mark.parametrize("num_classes", EDGE_CLASSES)
-@pytest.mark.parametrize("layout", ["contiguous", "offset 1", "offsets differ", "row stride +5"])
+@pytest.mark.parametrize("layout", ROW_LAYOUTS)
 def test_every_launch_shape_and_row_layout(dtype, num_classes, layout):
-    gen = torch.Generator().manual_seed(num_classes)
-    batch = 37
-    vis = torch.randn(batch, num_classes, generator=gen, dtype=torch.float64) * 4
-    txt = torch.rand(batch, num_classes, generator=gen, dtype=torch.float64) * 2 - 1
-    target = torch.randint(0, num_classes, (batch,), generator=gen)
-    target[::5] = -100
-    case = Case(vis.to(dtype), txt.to(dtype), target,
-                torch.tensor(0.37, dtype=torch.float64),
-                dict(tau=0.03, lambda_v=0.1, lambda_t=0.3, ignore_index=-100, reduction="mean"))
-    offsets = {"contiguous": (0, 0, 0), "offset 1": (1, 1, 0), "offsets differ": (1, 2, 0),
-               "row stride +5": (0, 0, 5)}[layout]
-    check_against_reference(shifted(case, *offsets), dtype)
+    check_against_reference(edge_case(dtype, num_classes, layout), dtype)
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES)

@@ -9,8 +9,8 @@ import math
 
 import pytest
 import torch
-from conftest import (HALF_DTYPES, HALF_RULE_FACTOR, TOLERANCES, Case, assert_close, max_error,
-                      run, run_reference64, scales, tes_cases)
+from conftest import (HALF_DTYPES, TOLERANCES, Case, assert_close, assert_matches_reference, run,
+                      scales, tes_cases)
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -22,35 +22,15 @@ from tesloss.reference import tes_loss as reference_tes_loss
 @given(data=st.data())
 def test_values_and_gradients_match_the_fp64_reference(dtype, data):
     case = data.draw(tes_cases(dtype))
-    loss, grad_vis, grad_txt = run(tesloss.fused_tes_loss, case)
-    ref_loss, ref_vis, ref_txt = run_reference64(case)
-    loss_scale, vis_scale, txt_scale = scales(case)
-    tol = TOLERANCES[dtype]
-    assert loss.dtype == dtype
-    assert grad_vis.dtype == grad_txt.dtype == dtype
-    assert_close(loss, ref_loss, tol, loss_scale, "loss")
-    assert_close(grad_vis, ref_vis, tol, vis_scale, "grad vis_logits")
-    assert_close(grad_txt, ref_txt, tol, txt_scale, "grad txt_logits")
+    assert_matches_reference(case, dtype, run(tesloss.fused_tes_loss, case))
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 @given(data=st.data())
 def test_half_types_err_at_most_twice_the_reference_in_that_dtype(dtype, data):
     case = data.draw(tes_cases(dtype))
-    fused = run(tesloss.fused_tes_loss, case)
-    in_dtype = run(reference_tes_loss, case)
-    exact = run_reference64(case)
-    assert fused[0].dtype == torch.float32, "half inputs give an fp32 loss"
-    assert fused[1].dtype == fused[2].dtype == dtype, "gradients come back in the input dtype"
-    fp32_floor = TOLERANCES[torch.float32]
-    for name, f, r, e, scale in zip(("loss", "grad vis_logits", "grad txt_logits"),
-                                    fused, in_dtype, exact, scales(case)):
-        allowed = HALF_RULE_FACTOR * max_error(r, e) + fp32_floor.atol * float(
-            torch.as_tensor(scale).max() if torch.as_tensor(scale).numel() else 0.0)
-        err = max_error(f, e)
-        assert err < math.inf, f"{name} in {dtype}: nan or inf where the fp64 reference has none"
-        assert err <= allowed, (f"{name} in {dtype}: fused error {err:.3e} > {HALF_RULE_FACTOR} x "
-                                f"reference-in-{dtype} error {max_error(r, e):.3e} (+fp32 floor)")
+    assert_matches_reference(case, dtype, run(tesloss.fused_tes_loss, case),
+                             in_dtype=run(reference_tes_loss, case))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
