@@ -11,33 +11,23 @@
 // are bitwise the same on every run on one device.
 //
 // Backward: the same groups read each row once and write both gradients once.
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
-
+//
+// The file has two parts. The first, the thread schedules (which columns
+// thread t of a row's group reads and writes, and in what order the group's
+// states merge), is plain host-and-device code: with TESLOSS_SCHEDULES_ONLY
+// defined it is all that compiles, without ATen, so that
+// tests/test_cuda_schedules.py can run it on the host, one thread at a time,
+// where there is no GPU. The second holds the kernels, their launch shapes and
+// their registration.
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <stdexcept>
 #include <type_traits>
 
 #include "tes_loss.h"
 
 namespace tesloss {
-
-// Defined in tes_loss.cpp and linked into the same library, so both devices
-// refuse the same arguments with the same messages and allocate alike.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prepare_forward(
-    const at::Tensor& vis_logits, const at::Tensor& txt_logits, const at::Tensor& target,
-    double tau, int64_t reduction);
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-prepare_backward(const at::Tensor& grad_loss, const at::Tensor& vis_logits,
-                 const at::Tensor& txt_logits, const at::Tensor& target,
-                 const at::Tensor& row_stats, const at::Tensor& batch_stats, double tau,
-                 int64_t reduction);
-
 namespace {
 
 constexpr int kPackBytes = 16;  // one 128-bit load or store
@@ -48,24 +38,39 @@ constexpr int kPackBytes = 16;  // one 128-bit load or store
 template <typename scalar_t>
 constexpr int kChunk = sizeof(scalar_t) == 8 ? 8 : 16;
 
-// Entries of the per-block partial sums the forward leaves for the finish kernel.
-enum Partial : int {
-  kPartLoss = 0,
-  kPartCeVis = 1,
-  kPartKlRef = 2,
-  kPartCeTxt = 3,
-  kPartCount = 4,
-  kNumPartials = 5,
-};
-
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Pack {
   T val[N];
 };
 
+template <typename scalar_t>
+using PackOf = Pack<scalar_t, kPackBytes / sizeof(scalar_t)>;
+
 template <typename T>
 TESLOSS_HD uintptr_t address(const T* ptr) {
   return reinterpret_cast<uintptr_t>(ptr);
+}
+
+// Packs must start on a 16-byte boundary. The GPU faults on one that does not;
+// on the host (tests/test_cuda_schedules.py) this throws instead.
+TESLOSS_HD void expect_pack_aligned(const void* packs) {
+#if !defined(__CUDA_ARCH__)
+  if (address(packs) % kPackBytes != 0) {
+    throw std::logic_error("tesloss: a 16-byte pack access is not 16-byte aligned");
+  }
+#endif
+}
+
+template <typename scalar_t>
+TESLOSS_HD const PackOf<scalar_t>* as_packs(const scalar_t* row) {
+  expect_pack_aligned(row);
+  return reinterpret_cast<const PackOf<scalar_t>*>(row);
+}
+
+template <typename scalar_t>
+TESLOSS_HD PackOf<scalar_t>* as_packs(scalar_t* row) {
+  expect_pack_aligned(row);
+  return reinterpret_cast<PackOf<scalar_t>*>(row);
 }
 
 // How a row's columns fall into a scalar head (before the first 16-byte
@@ -123,9 +128,9 @@ TESLOSS_HD RowState<acc_t> pack_chunk_state(const scalar_t* __restrict__ vis,
   constexpr int kPack = kPackBytes / sizeof(scalar_t);
   constexpr int kPacks = kChunk<scalar_t> / kPack;
   constexpr acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
-  using PackT = Pack<scalar_t, kPack>;
-  const PackT* vis_packs = reinterpret_cast<const PackT*>(vis);
-  const PackT* txt_packs = reinterpret_cast<const PackT*>(txt);
+  using PackT = PackOf<scalar_t>;
+  const PackT* vis_packs = as_packs(vis);
+  const PackT* txt_packs = as_packs(txt);
   PackT vis_in[kPacks];
   PackT txt_in[kPacks];
   // All loads before any arithmetic, so they are in flight together.
@@ -232,15 +237,17 @@ TESLOSS_HD void pack_chunk_grad(const scalar_t* __restrict__ vis, const scalar_t
                                 const GradRow<acc_t>& r) {
   constexpr int kPack = kPackBytes / sizeof(scalar_t);
   constexpr int kPacks = kChunk<scalar_t> / kPack;
-  using PackT = Pack<scalar_t, kPack>;
+  using PackT = PackOf<scalar_t>;
+  const PackT* vis_packs = as_packs(vis);
+  const PackT* txt_packs = as_packs(txt);
   PackT vis_in[kPacks];
   PackT txt_in[kPacks];
 #pragma unroll
   for (int u = 0; u < kPacks; ++u) {
     const int index = first + t + u * TPR;
     if (!kChecked || index < num_packs) {
-      vis_in[u] = reinterpret_cast<const PackT*>(vis)[index];
-      txt_in[u] = reinterpret_cast<const PackT*>(txt)[index];
+      vis_in[u] = vis_packs[index];
+      txt_in[u] = txt_packs[index];
     }
   }
 #pragma unroll
@@ -255,8 +262,8 @@ TESLOSS_HD void pack_chunk_grad(const scalar_t* __restrict__ vis, const scalar_t
                   int64_t(index) * kPack + k == label_in_body, r, vis_out.val[k],
                   txt_out.val[k]);
     }
-    reinterpret_cast<PackT*>(grad_vis)[index] = vis_out;
-    reinterpret_cast<PackT*>(grad_txt)[index] = txt_out;
+    as_packs(grad_vis)[index] = vis_out;
+    as_packs(grad_txt)[index] = txt_out;
   }
 }
 
@@ -300,7 +307,7 @@ template <typename scalar_t, int TPR>
 TESLOSS_HD void thread_row_zero(scalar_t* __restrict__ grad_vis, scalar_t* __restrict__ grad_txt,
                                 int C, int t) {
   constexpr int kPack = kPackBytes / sizeof(scalar_t);
-  using PackT = Pack<scalar_t, kPack>;
+  using PackT = PackOf<scalar_t>;
   const RowSplit split = split_row<scalar_t>(
       C, address(grad_vis), address(grad_vis) % kPackBytes == address(grad_txt) % kPackBytes);
   if (t < split.head) {
@@ -311,8 +318,8 @@ TESLOSS_HD void thread_row_zero(scalar_t* __restrict__ grad_vis, scalar_t* __res
 #pragma unroll
   for (int k = 0; k < kPack; ++k) zeros.val[k] = scalar_t(0);
   for (int index = t; index < split.num_packs; index += TPR) {
-    reinterpret_cast<PackT*>(grad_vis + split.head)[index] = zeros;
-    reinterpret_cast<PackT*>(grad_txt + split.head)[index] = zeros;
+    as_packs(grad_vis + split.head)[index] = zeros;
+    as_packs(grad_txt + split.head)[index] = zeros;
   }
   for (int col = split.rest_begin + t; col < C; col += TPR) {
     grad_vis[col] = scalar_t(0);
@@ -342,6 +349,42 @@ __device__ __forceinline__ RowState<acc_t> lanes_merge(RowState<acc_t> state) {
   }
   return state;
 }
+
+}  // namespace
+}  // namespace tesloss
+
+#ifndef TESLOSS_SCHEDULES_ONLY  // the kernels, their launch shapes and registration
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+namespace tesloss {
+
+// Defined in tes_loss.cpp and linked into the same library, so both devices
+// refuse the same arguments with the same messages and allocate alike.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prepare_forward(
+    const at::Tensor& vis_logits, const at::Tensor& txt_logits, const at::Tensor& target,
+    double tau, int64_t reduction);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+prepare_backward(const at::Tensor& grad_loss, const at::Tensor& vis_logits,
+                 const at::Tensor& txt_logits, const at::Tensor& target,
+                 const at::Tensor& row_stats, const at::Tensor& batch_stats, double tau,
+                 int64_t reduction);
+
+namespace {
+
+// Entries of the per-block partial sums the forward leaves for the finish kernel.
+enum Partial : int {
+  kPartLoss = 0,
+  kPartCeVis = 1,
+  kPartKlRef = 2,
+  kPartCeTxt = 3,
+  kPartCount = 4,
+  kNumPartials = 5,
+};
 
 // What both passes read: the rows of both logits and the labels.
 template <typename scalar_t, typename acc_t>
@@ -730,3 +773,4 @@ TORCH_LIBRARY_IMPL(tesloss, CUDA, m) {
 }
 
 }  // namespace tesloss
+#endif  // TESLOSS_SCHEDULES_ONLY

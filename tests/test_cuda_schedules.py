@@ -1,0 +1,161 @@
+"""The CUDA kernels' thread schedules, run on the host, where there is no GPU.
+
+The first part of csrc/cuda/tes_loss.cu says which columns thread t of a row's
+group reads and writes, and in what order the group's states merge. It is
+host-and-device code that compiles without ATen, so
+tests/cuda_schedules_on_host.cu runs it one thread at a time, for every launch
+shape (8, 32, 128 and 512 threads per row). These tests hold what comes out to
+the spec that tests/test_cuda.py holds the kernels to: conftest's tolerance
+table and half-type rule against the fp64 reference, on misaligned and
+row-strided rows too. They also check that each gradient element is written
+exactly once.
+
+Not covered here: the kernels themselves (launches, shuffles, shared memory,
+barriers, the batch reduction) and the choice of launch shape.
+tests/test_cuda.py covers those on a GPU.
+"""
+import ctypes
+import math
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+from conftest import (ALL_DTYPES, EDGE_CLASSES, HALF_DTYPES, ROW_LAYOUTS, assert_matches_reference,
+                      draw_case, edge_case, run)
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import tesloss
+from tesloss.reference import tes_loss as reference_tes_loss
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+THREADS_PER_ROW = (8, 32, 128, 512)  # the kernels' launch shapes
+DTYPE_CODES = {torch.float64: 0, torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
+# Elements around each gradient where no write may land; 16 of any dtype keep
+# the gradient's first row 16-byte aligned, as at::empty leaves it on the GPU.
+GUARD = 16
+
+
+class Rows(ctypes.Structure):
+    """The Rows struct of tests/cuda_schedules_on_host.cu."""
+    _fields_ = [("vis", ctypes.c_void_p), ("txt", ctypes.c_void_p), ("labels", ctypes.c_void_p),
+                ("vis_stride", ctypes.c_int64), ("txt_stride", ctypes.c_int64),
+                ("label_stride", ctypes.c_int64), ("B", ctypes.c_int64), ("C", ctypes.c_int),
+                ("tau", ctypes.c_double), ("lambda_v", ctypes.c_double),
+                ("lambda_t", ctypes.c_double), ("ignore_index", ctypes.c_int64)]
+
+
+@pytest.fixture(scope="session")
+def schedules(tmp_path_factory):
+    """tests/cuda_schedules_on_host.cu built by nvcc as a host library. Where
+    tesloss has CUDA kernels, nvcc built them, so it must be found here too."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        if tesloss.backend_info()["cuda_compiled"]:
+            pytest.fail("tesloss has CUDA kernels, but nvcc is not on the PATH to build "
+                        "their thread schedules for the host")
+        pytest.skip("nvcc is not on the PATH")
+    library = tmp_path_factory.mktemp("schedules") / "schedules.so"
+    torch_include = os.path.join(os.path.dirname(torch.__file__), "include")
+    # -fno-strict-aliasing: under nvcc, c10::BFloat16's conversion to float reads
+    # its bits through an __nv_bfloat16 lvalue. In host code gcc may then drop the
+    # copy a Pack load makes, and every bf16 value reads as 0: a host-side
+    # artefact (torch's CUDA kernels load bf16 in packs just as ours do).
+    build = subprocess.run(
+        [nvcc, "-std=c++17", "-O2", "--expt-relaxed-constexpr", "-cudart", "none", "-shared",
+         "-Xcompiler", "-fPIC,-fno-strict-aliasing", "-I", os.path.join(ROOT, "csrc"),
+         "-I", torch_include,
+         "-o", str(library), os.path.join(ROOT, "tests", "cuda_schedules_on_host.cu")],
+        capture_output=True, text=True)
+    if build.returncode != 0:
+        pytest.fail(f"nvcc could not build the schedules for the host:\n{build.stderr}")
+    return ctypes.CDLL(str(library))
+
+
+def unit_class_stride(logits):
+    """What the op hands its kernels: rows as they are, columns one element apart."""
+    return logits if logits.shape[1] <= 1 or logits.stride(1) == 1 else logits.contiguous()
+
+
+def call(function, *args):
+    status = function(*args)
+    assert status == 0, (f"{function.__name__} returned {status} (1: bad dtype or shape, "
+                         "2: bad label, 3: a pack access that is not 16-byte aligned)")
+
+
+def run_schedules(schedules, case, tpr, count_writes=False):
+    """(loss, grad vis_logits, grad txt_logits) from the CUDA thread schedules
+    for `tpr` threads per row, and with count_writes how many times each
+    element of the gradients and their guards was written, [2, GUARD + B * C +
+    GUARD]. The batch reduction, which is not the schedules' work, is done here."""
+    vis, txt = unit_class_stride(case.vis_logits), unit_class_stride(case.txt_logits)
+    dtype, target, kw = vis.dtype, case.target, case.kwargs
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    batch, num_classes = vis.shape
+    rows = Rows(vis.data_ptr(), txt.data_ptr(), target.data_ptr(), vis.stride(0), txt.stride(0),
+                target.stride(0), batch, num_classes, kw["tau"], kw["lambda_v"], kw["lambda_t"],
+                kw["ignore_index"])
+    code = DTYPE_CODES[dtype]
+
+    row_stats = torch.full((batch, 6), math.nan, dtype=acc)  # tes_loss.h's kNumRowStats
+    call(schedules.tesloss_schedule_forward, code, tpr, ctypes.byref(rows),
+         ctypes.c_void_p(row_stats.data_ptr()))
+    num_valid = (target != kw["ignore_index"]).sum().to(acc)
+    grad_out = case.grad_out.to(acc)
+    if kw["reduction"] == "none":
+        loss, upstream = row_stats[:, 0], grad_out.contiguous()
+    elif kw["reduction"] == "sum":
+        loss, upstream = row_stats[:, 0].sum(), grad_out.expand(batch).contiguous()
+    else:
+        loss, upstream = row_stats[:, 0].sum() / num_valid, (grad_out / num_valid).expand(
+            batch).contiguous()
+
+    # nan until written, so an element no thread writes fails the comparison. With
+    # count_writes, GUARD elements before and after each gradient catch stray writes.
+    guard = GUARD if count_writes else 0
+    grads = [torch.full((guard + batch * num_classes + guard,), math.nan, dtype=dtype)
+             for _ in range(2)]
+    writes = torch.zeros(2, grads[0].numel(), dtype=torch.int32) if count_writes else None
+    call(schedules.tesloss_schedule_backward, code, tpr, ctypes.byref(rows),
+         ctypes.c_void_p(row_stats.data_ptr()), ctypes.c_void_p(upstream.data_ptr()),
+         *(ctypes.c_void_p(g[guard:].data_ptr()) for g in grads), ctypes.c_int64(guard),
+         ctypes.c_void_p(writes.data_ptr() if count_writes else None))
+    grad_vis, grad_txt = (g[guard:guard + batch * num_classes].view(batch, num_classes)
+                          for g in grads)
+    return (loss, grad_vis, grad_txt), writes
+
+
+def check_against_reference(schedules, case, tpr, count_writes=False):
+    dtype = case.vis_logits.dtype
+    fused, writes = run_schedules(schedules, case, tpr, count_writes)
+    in_dtype = run(reference_tes_loss, case) if dtype in HALF_DTYPES else None
+    assert_matches_reference(case, dtype, fused, in_dtype, where=f", {tpr} threads per row")
+    return writes
+
+
+@pytest.mark.parametrize("tpr", THREADS_PER_ROW)
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@settings(max_examples=25)
+@given(data=st.data())
+def test_values_and_gradients_match_the_fp64_reference(schedules, dtype, tpr, data):
+    check_against_reference(schedules, draw_case(data, dtype, max_b=16), tpr)
+
+
+@pytest.mark.parametrize("tpr", THREADS_PER_ROW)
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("num_classes", EDGE_CLASSES)
+@pytest.mark.parametrize("layout", ROW_LAYOUTS)
+def test_each_gradient_element_is_written_once(schedules, dtype, tpr, num_classes, layout):
+    batch = 3  # the first row ignored: its zeros have a schedule of their own
+    writes = check_against_reference(schedules, edge_case(dtype, num_classes, layout, batch),
+                                     tpr, count_writes=True)
+    for name, counts in zip(("grad vis_logits", "grad txt_logits"), writes):
+        stray = int(counts[:GUARD].sum() + counts[-GUARD:].sum())
+        assert stray == 0, f"{name}: {stray} writes outside the gradient"
+        counts = counts[GUARD:-GUARD].view(batch, num_classes)
+        wrong = (counts != 1).nonzero()
+        assert len(wrong) == 0, (f"{name}: {len(wrong)} elements not written exactly once, "
+                                 f"first [row, column] {wrong[0].tolist()} written "
+                                 f"{int(counts[tuple(wrong[0])])} times")
