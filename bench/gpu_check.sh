@@ -6,11 +6,15 @@
 #   wheels     .whl/*.whl (e.g. liger-kernel), if carried, into /tmp/site
 #   build      pip install --no-build-isolation --no-deps -e .  (TORCH_CUDA_ARCH_LIST=9.0)
 #   cuda_tests pytest tests/test_cuda.py
-#   bench      bench/bench_loss.py --device cuda $BENCH_ARGS (default: --modes full),
-#              before the sanitizers so the figures the GPU is judged on come first
+#   bench      bench/bench_loss.py --device cuda --modes full on the cells the GPU is
+#              judged on (256x1000, 4096x16384, 8192x32768; fp32 and bf16), first, since
+#              torch.compile compiles each shape and dtype afresh on a new machine
 #   memcheck   compute-sanitizer memcheck on a few small forward+backward cases
 #   racecheck  compute-sanitizer racecheck on the same cases
+#   bench_fp16 the same shapes in fp16
+#   bench_rest the other shapes (256x100, 1024x1000, 256x21843) in fp32, bf16 and fp16
 #   cpu_tests  the rest of the test suite, with whatever time is left
+# The bench steps append to one CSV; BENCH_ARGS, if set, replaces all three with one run.
 # A failed step does not stop the later ones. The whole run stays within
 # $GPU_CHECK_BUDGET_S seconds (default 465, under 8 minutes).
 #
@@ -95,12 +99,21 @@ step cuda_tests 150 env TESLOSS_REQUIRE_EXTENSION=1 "$PY" -m pytest -q -rfEs -p 
   "${timeout_plugin[@]}" --junitxml "$RESULTS/test_cuda.xml" tests/test_cuda.py
 cp "$LOGS/cuda_tests.log" "$RESULTS/test_cuda.log" 2>/dev/null || true
 
-# Full mode (forward + backward), which the GPU results are judged on; the bench
-# writes each shape's rows as it goes, so a cut-short run keeps them. BENCH_ARGS
-# overrides.
-read -r -a bench_args <<<"${BENCH_ARGS:---modes full}"
-step bench 170 "$PY" bench/bench_loss.py --device cuda --out "$RESULTS/bench_cuda.csv" \
-  --markdown "${bench_args[@]}"
+# Full mode (forward + backward), which the GPU results are judged on. The bench
+# writes each shape's rows as it goes, so a cut-short step keeps what it finished.
+JUDGED_SHAPES=256x1000,4096x16384,8192x32768
+bench() {  # bench STEP_NAME MAX_SECONDS BENCH_LOSS_ARGS...
+  local name=$1 limit=$2
+  shift 2
+  step "$name" "$limit" "$PY" bench/bench_loss.py --device cuda --out "$RESULTS/bench_cuda.csv" \
+    --markdown --modes full "$@"
+}
+if [[ -n "${BENCH_ARGS:-}" ]]; then
+  read -r -a bench_args <<<"$BENCH_ARGS"
+  bench bench 170 "${bench_args[@]}"
+else
+  bench bench 170 --shapes "$JUDGED_SHAPES" --dtypes fp32,bf16
+fi
 
 cat >"$LOGS/sanitize_case.py" <<'EOF'
 """Forward and backward of the fused op on small cases that reach every launch
@@ -141,6 +154,11 @@ step memcheck 45 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$sanitizer" --tool memche
   --error-exitcode 1 --print-limit 20 "$PY" "$LOGS/sanitize_case.py"
 step racecheck 45 "$sanitizer" --tool racecheck --error-exitcode 1 --print-limit 20 \
   "$PY" "$LOGS/sanitize_case.py"
+
+if [[ -z "${BENCH_ARGS:-}" ]]; then
+  bench bench_fp16 90 --shapes "$JUDGED_SHAPES" --dtypes fp16
+  bench bench_rest 120 --shapes 256x100,1024x1000,256x21843 --dtypes fp32,bf16,fp16
+fi
 
 step cpu_tests 400 env TESLOSS_REQUIRE_EXTENSION=1 CI=1 "$PY" -m pytest -q -rfE \
   -p no:cacheprovider "${timeout_plugin[@]}" tests --ignore=tests/test_cuda.py
