@@ -77,7 +77,31 @@ inline Params<acc_t> make_params(double tau, double lambda_v, double lambda_t,
                        static_cast<acc_t>(lambda_t), ignore_index};
 }
 
+#if defined(__CUDACC__)
+// On the GPU, an fp32 exp is 2^(x log2 e) from the MUFU unit's ex2.approx.ftz:
+// two instructions where expf takes eight. The forward kernel takes two or more
+// exponentials per column and, with expf, was bound by instruction issue rather
+// than memory in bf16 (sm_90 SASS: 42 instructions per column, 3 columns per
+// clock per multiprocessor, about 3.2 TB/s of bf16 logits on an H200). Rounding
+// x log2 e to fp32 errs by about |x| 2^-24 relative, and ex2.approx by about 2
+// ulp; every x here is a logit minus its row's max or log-sum-exp, and the terms
+// that matter have |x| < 20. Results below 2^-126 flush to 0. Host code that
+// nvcc compiles (only tests/test_cuda_schedules.py runs any) rounds the same
+// product and flushes alike, leaving out only ex2.approx's own error.
+TESLOSS_HD float tes_exp(float x) {
+  const float t = x * 1.44269504088896341f;
+#if defined(__CUDA_ARCH__)
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(t));
+  return y;
+#else
+  const float y = ::exp2f(t);
+  return y < std::numeric_limits<float>::min() ? 0.0f : y;
+#endif
+}
+#else
 TESLOSS_HD float tes_exp(float x) { return ::expf(x); }
+#endif
 TESLOSS_HD double tes_exp(double x) { return ::exp(x); }
 TESLOSS_HD float tes_log(float x) { return ::logf(x); }
 TESLOSS_HD double tes_log(double x) { return ::log(x); }

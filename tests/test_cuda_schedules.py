@@ -8,7 +8,8 @@ shape (8, 32, 128 and 512 threads per row). These tests hold what comes out to
 the spec that tests/test_cuda.py holds the kernels to: conftest's tolerance
 table and half-type rule against the fp64 reference, on misaligned and
 row-strided rows too. They also check that each gradient element is written
-exactly once.
+exactly once, and that a nan logit reaches the loss and the gradients as it
+does in the reference.
 
 Not covered here: the kernels themselves (launches, shuffles, shared memory,
 barriers, the batch reduction) and the choice of launch shape.
@@ -22,8 +23,8 @@ import subprocess
 
 import pytest
 import torch
-from conftest import (ALL_DTYPES, EDGE_CLASSES, HALF_DTYPES, ROW_LAYOUTS, assert_matches_reference,
-                      draw_case, edge_case, run)
+from conftest import (ALL_DTYPES, EDGE_CLASSES, HALF_DTYPES, ROW_LAYOUTS, TOLERANCES, assert_close,
+                      assert_matches_reference, draw_case, edge_case, run, run_reference64, scales)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -159,3 +160,20 @@ def test_each_gradient_element_is_written_once(schedules, dtype, tpr, num_classe
         assert len(wrong) == 0, (f"{name}: {len(wrong)} elements not written exactly once, "
                                  f"first [row, column] {wrong[0].tolist()} written "
                                  f"{int(counts[tuple(wrong[0])])} times")
+
+
+@pytest.mark.parametrize("tpr", THREADS_PER_ROW)
+@pytest.mark.parametrize("where", ["vis", "txt"])
+@pytest.mark.parametrize("column", [1, 500, 1000])  # the head, the packs, the scalar rest
+def test_nan_in_the_logits_reaches_the_loss_and_the_gradients(schedules, tpr, where, column):
+    # fp32 rows one element past a 16-byte boundary: 3 head columns, 249 packs, 2 more.
+    clean = edge_case(torch.float32, 1001, "offset 1", batch=4)
+    case = edge_case(torch.float32, 1001, "offset 1", batch=4)
+    (case.vis_logits if where == "vis" else case.txt_logits)[2, column] = math.nan
+    fused, _ = run_schedules(schedules, case, tpr)
+    expected = run_reference64(case)
+    for name, f, e, scale in zip(("loss", "grad vis_logits", "grad txt_logits"), fused, expected,
+                                 scales(clean)):
+        assert torch.equal(torch.isnan(f), torch.isnan(e)), (
+            f"{name}: nan where the reference has none, or none where it has")
+        assert_close(f, e, TOLERANCES[torch.float32], scale, name)

@@ -94,6 +94,12 @@ TESLOSS_HD RowSplit split_row(int C, uintptr_t first_address, bool same_offset) 
   return RowSplit{head, num_packs, head + num_packs * kPack};
 }
 
+// The max of a chunk's columns drops nan (one fmax instruction, where nan_max
+// takes three): a nan column still makes the chunk's sum nan, as exp(nan) is
+// nan, and that reaches the row's log-sum-exp and loss.
+TESLOSS_HD float column_max(float a, float b) { return fmaxf(a, b); }
+TESLOSS_HD double column_max(double a, double b) { return fmax(a, b); }
+
 // The statistics of N columns, padded with -inf where a thread has fewer.
 template <typename acc_t, int N>
 TESLOSS_HD RowState<acc_t> chunk_state(const acc_t (&z)[N], const acc_t (&s)[N]) {
@@ -102,8 +108,8 @@ TESLOSS_HD RowState<acc_t> chunk_state(const acc_t (&z)[N], const acc_t (&s)[N])
   acc_t max_txt = neg_inf;
 #pragma unroll
   for (int k = 0; k < N; ++k) {
-    max_vis = nan_max(max_vis, z[k]);
-    max_txt = nan_max(max_txt, s[k]);
+    max_vis = column_max(max_vis, z[k]);
+    max_txt = column_max(max_txt, s[k]);
   }
   const acc_t shift_vis = softmax_shift(max_vis);
   const acc_t shift_txt = softmax_shift(max_txt);
