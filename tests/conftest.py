@@ -50,8 +50,9 @@ HALF_DTYPES = (torch.bfloat16, torch.float16)
 ALL_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 REDUCTIONS = ("mean", "sum", "none")
 # Class counts that reach each CUDA launch shape (threads per row 8, 32, 128,
-# 512) and the packed path's head, body and scalar rest.
-EDGE_CLASSES = (1, 7, 8, 9, 100, 1000, 1001, 4097, 9000)
+# 512) and the packed path's head, body and scalar rest; 20000 also reaches a
+# 512-thread group's whole chunks in bf16 and fp16 (16384 columns each).
+EDGE_CLASSES = (1, 7, 8, 9, 100, 1000, 1001, 4097, 9000, 20000)
 
 
 @dataclasses.dataclass

@@ -33,10 +33,15 @@ namespace {
 constexpr int kPackBytes = 16;  // one 128-bit load or store
 // Columns a thread folds into one RowState before merging it into its running
 // one: each merge costs four exponentials, so merging per pack of 2 doubles or
-// 4 floats would double the work of the exponentials themselves. Doubles take
-// half as many, to fit the 128 registers a thread of a 512-thread block has.
+// 4 floats would double the work of the exponentials themselves. A chunk's
+// loads are all issued before its arithmetic, so the chunk is also what a
+// thread has in flight: 128 bytes of logits for fp32 (16 columns) and for bf16
+// and fp16 (32 columns). With 16 bf16 columns, a 512-thread row group (one
+// block per multiprocessor) would keep too few bytes in flight to cover memory
+// latency while it computes. Doubles take 8, to fit the 128 registers a thread
+// of a 512-thread block has (2-byte types use about 122).
 template <typename scalar_t>
-constexpr int kChunk = sizeof(scalar_t) == 8 ? 8 : 16;
+constexpr int kChunk = sizeof(scalar_t) == 8 ? 8 : sizeof(scalar_t) == 4 ? 16 : 32;
 
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Pack {
