@@ -17,8 +17,8 @@ from setuptools import setup
 
 def _set_cuda_home():
     """torch takes the CUDA home from nvcc's folder, which is wrong when nvcc on
-    the PATH is a wrapper script (as in /usr/local/bin here): look for the
-    toolkit nvcc belongs to instead. CUDA_HOME, if set, wins."""
+    the PATH is a wrapper script outside the toolkit: look for the toolkit nvcc
+    belongs to instead. CUDA_HOME, if set, wins."""
     if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
         return
     nvcc = shutil.which("nvcc")
@@ -78,23 +78,25 @@ def wheel_cuda_include_dirs():
     return sorted(d for root in nvidia.__path__ for d in glob.glob(os.path.join(root, "*", "include")))
 
 
+def relative_sources(*pattern):
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, *pattern)))
+
+
 def extensions():
     capability = cpu_capability()
     cxx_flags = ["-O3", "-fopenmp", f"-DTESLOSS_CPU_CAPABILITY_NAME={capability}"]
     cxx_flags += CPU_CAPABILITY_FLAGS[capability]
-    sources = [os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "*.cpp"))]
-    cuda_sources = [
-        os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))
-    ]
+    sources = relative_sources("csrc", "*.cpp") + relative_sources("csrc", "cpu", "*.cpp")
+    cuda_sources = relative_sources("csrc", "cuda", "*.cu")
     common = dict(name="tesloss._C", include_dirs=[os.path.join(ROOT, "csrc")],
                   extra_link_args=["-fopenmp"])
     if cuda_sources and build_cuda():
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
-        nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+        nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-DWITH_CUDA"]
         common["include_dirs"] += wheel_cuda_include_dirs()
         return [CUDAExtension(sources=sources + cuda_sources,
-                              extra_compile_args={"cxx": cxx_flags,
+                              extra_compile_args={"cxx": cxx_flags + ["-DWITH_CUDA"],
                                                   "nvcc": nvcc_flags},
                               **common)]
     return [CppExtension(sources=sources, extra_compile_args={"cxx": cxx_flags}, **common)]

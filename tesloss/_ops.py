@@ -1,29 +1,30 @@
-"""Loads the compiled library and gives its ops the fake kernels torch.compile traces with.
+"""Loads the compiled library, reads the op's constants from it, and gives its ops the
+fake kernels torch.compile traces with.
 
-Autograd for the ops is bound in C++ (csrc/tes_loss.cpp), for speed."""
+Autograd for the ops is bound in C++ (csrc/ops.cpp), for speed."""
 import os
 
 import torch
 
 _LOAD_ERROR = None
-_CPU_CAPABILITY = None
+_C = None
 
 # Order of ATen's x86 vector capabilities: a build for one runs on it and above.
 _CAPABILITY_RANK = {"default": 0, "avx2": 1, "avx512": 2}
 
 
 def _load():
-    global _LOAD_ERROR, _CPU_CAPABILITY
+    global _LOAD_ERROR, _C
     try:
-        from . import _C
+        from . import _C as library
     except ImportError as error:  # not built, or built against another torch
         _LOAD_ERROR = f"{type(error).__name__}: {error}"
         return False
-    _CPU_CAPABILITY = _C.cpu_capability
+    _C = library
     here = torch.backends.cpu.get_cpu_capability().lower()
-    if _CAPABILITY_RANK.get(_CPU_CAPABILITY, 0) > _CAPABILITY_RANK.get(here, 0):
+    if _CAPABILITY_RANK.get(_C.cpu_capability, 0) > _CAPABILITY_RANK.get(here, 0):
         _LOAD_ERROR = (
-            f"tesloss._C was compiled for {_CPU_CAPABILITY} but this CPU reports {here}; "
+            f"tesloss._C was compiled for {_C.cpu_capability} but this CPU reports {here}; "
             "rebuild here, or with TESLOSS_CPU_CAPABILITY set to what every machine has"
         )
         return False
@@ -32,8 +33,20 @@ def _load():
 
 LOADED = _load()
 LOAD_ERROR = _LOAD_ERROR
-CPU_CAPABILITY = _CPU_CAPABILITY
+CPU_CAPABILITY = _C.cpu_capability if _C is not None else None
 BUILD_HINT = "build it with: pip install --no-build-isolation -e .  (or: make install)"
+
+# The op's constants, as csrc/params.h defines them (empty without the library):
+ROW_STATS = _C.row_stats if LOADED else ()  # names of the row_stats columns, in order
+BATCH_STATS = _C.batch_stats if LOADED else ()  # names of the batch_stats entries, in order
+REDUCTIONS = {name: code for code, name in enumerate(_C.reductions)} if LOADED else {}
+PARAMS = _C.params if LOADED else ()  # ((name, schema type), ...) of the scalar arguments
+_ACCUMULATION_DTYPES = _C.accumulation_dtypes if LOADED else {}
+
+
+def acc_dtype(dtype):
+    """The dtype the kernels accumulate logits of `dtype` in, and return the loss in."""
+    return _ACCUMULATION_DTYPES[dtype]
 
 
 def _kernel_devices():
@@ -49,8 +62,7 @@ def _kernel_devices():
 KERNEL_DEVICES = _kernel_devices()
 
 
-# The forward op's overload, looked up once: each torch.ops lookup costs a few
-# microseconds of every training step.
+# The forward op's overload, looked up once, outside the training step.
 FORWARD = torch.ops.tesloss.tes_loss_forward.default if LOADED else None
 
 
@@ -80,22 +92,16 @@ def extension_required() -> bool:
     return os.environ.get("TESLOSS_REQUIRE_EXTENSION", "") not in ("", "0")
 
 
-def _acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 if LOADED:
-    NUM_ROW_STATS = 6
-    NUM_BATCH_STATS = 4
-
     @torch.library.register_fake("tesloss::tes_loss_forward")
     def _forward_fake(vis_logits, txt_logits, target, tau, lambda_v, lambda_t, ignore_index,
                       reduction):
-        acc = _acc_dtype(vis_logits.dtype)
+        acc = acc_dtype(vis_logits.dtype)
         batch = vis_logits.shape[0]
-        loss = vis_logits.new_empty((batch,) if reduction == 0 else (), dtype=acc)
-        row_stats = vis_logits.new_empty((batch, NUM_ROW_STATS), dtype=acc)
-        batch_stats = vis_logits.new_empty((NUM_BATCH_STATS,), dtype=acc)
+        per_row = reduction == REDUCTIONS["none"]
+        loss = vis_logits.new_empty((batch,) if per_row else (), dtype=acc)
+        row_stats = vis_logits.new_empty((batch, len(ROW_STATS)), dtype=acc)
+        batch_stats = vis_logits.new_empty((len(BATCH_STATS),), dtype=acc)
         return loss, row_stats, batch_stats
 
     @torch.library.register_fake("tesloss::tes_loss_backward")

@@ -8,7 +8,7 @@ import torch
 
 from . import _ops
 
-_REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}  # at::Reduction's numbering
+_REDUCTIONS = ("none", "mean", "sum")  # F.cross_entropy's; the op's codes come from _ops
 
 
 class Parts(NamedTuple):
@@ -17,6 +17,10 @@ class Parts(NamedTuple):
     ce_vision: torch.Tensor  # CE(vis_logits, target)
     kl_ref: torch.Tensor  # KL(p_ref || softmax(vis_logits))
     ce_text: torch.Tensor  # CE(txt_logits / tau, target)
+
+
+# Where each part sits in the op's batch_stats, found by name.
+_PART_INDEX = tuple(_ops.BATCH_STATS.index(name) for name in Parts._fields) if _ops.LOADED else ()
 
 
 def fused_tes_loss(vis_logits, txt_logits, target, *, tau=0.03, lambda_v=0.1, lambda_t=0.3,
@@ -59,11 +63,11 @@ def fused_tes_loss(vis_logits, txt_logits, target, *, tau=0.03, lambda_v=0.1, la
                          return_parts=return_parts)
     loss, _, batch_stats = _ops.FORWARD(
         vis_logits, txt_logits, target, float(tau), float(lambda_v), float(lambda_t),
-        int(ignore_index), _REDUCTIONS[reduction],
+        int(ignore_index), _ops.REDUCTIONS[reduction],
     )
     if not return_parts:
         return loss
-    return loss, Parts(batch_stats[1], batch_stats[2], batch_stats[3])
+    return loss, Parts(*(batch_stats[i] for i in _PART_INDEX))
 
 
 def _check(vis_logits, txt_logits, target, tau, lambda_v, lambda_t, ignore_index, reduction):
@@ -105,9 +109,9 @@ def _check(vis_logits, txt_logits, target, tau, lambda_v, lambda_t, ignore_index
                          f"got {reduction!r}")
 
 
-# Tensor.device builds a torch.device object, which cost about 3 us of every
-# training step here (measured in a fwd+bwd loop); is_cpu, is_cuda and
-# get_device() answer the common cases without one.
+# Tensor.device builds a torch.device object, a cost in every training step
+# (docs/DESIGN.md); is_cpu, is_cuda and get_device() answer the common cases
+# without one.
 def _device_type(tensor):
     return "cpu" if tensor.is_cpu else "cuda" if tensor.is_cuda else tensor.device.type
 

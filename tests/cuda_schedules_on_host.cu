@@ -1,14 +1,13 @@
 // The CUDA kernels' thread schedules, run on the host for
 // tests/test_cuda_schedules.py. nvcc builds this file as a plain shared library
-// (no ATen, no GPU needed) from the first part of csrc/cuda/tes_loss.cu; the
-// test calls it through ctypes.
+// (no ATen, no GPU needed) around csrc/cuda/schedules.cuh; the test calls it
+// through ctypes.
 //
 // Each row's group of TPR threads runs one thread at a time. The forward merges
 // their states in the kernel's order: lanes_merge's shuffle rounds within each
 // warp, then the warps' states in order. The backward can count how many times
 // each gradient element is written.
-#define TESLOSS_SCHEDULES_ONLY
-#include "cuda/tes_loss.cu"
+#include "cuda/schedules.cuh"
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -18,8 +17,9 @@
 
 namespace tesloss {
 
-// The problem, as the test passes it. Outside the unnamed namespace, so that the
-// C functions below, which take it, keep external linkage.
+// The problem, as the test passes it (its ctypes mirror builds `params` from
+// the op's parameter table). Outside the unnamed namespace, so that the C
+// functions below, which take it, keep external linkage.
 struct Rows {
   const void* vis;
   const void* txt;
@@ -29,10 +29,7 @@ struct Rows {
   int64_t label_stride;
   int64_t B;
   int C;
-  double tau;
-  double lambda_v;
-  double lambda_t;
-  int64_t ignore_index;
+  Params params;
 };
 
 namespace {
@@ -60,7 +57,7 @@ enum Status : int { kOk = 0, kBadShape = 1, kBadLabel = 2, kMisaligned = 3 };
 template <typename scalar_t, int TPR>
 int forward_rows(const Rows& in, void* row_stats_out) {
   using acc_t = acc_t_of<scalar_t>;
-  const auto p = make_params<acc_t>(in.tau, in.lambda_v, in.lambda_t, in.ignore_index);
+  const auto p = row_params<acc_t>(in.params);
   auto* row_stats = static_cast<acc_t*>(row_stats_out);
   for (int64_t row = 0; row < in.B; ++row) {
     const int64_t label = in.labels[row * in.label_stride];
@@ -84,7 +81,7 @@ int forward_rows(const Rows& in, void* row_stats_out) {
 
 // One thread's share of a row's backward, as tes_backward_kernel runs it.
 template <typename scalar_t, typename acc_t, int TPR>
-void thread_backward_row(const Rows& in, int64_t row, int t, const Params<acc_t>& p,
+void thread_backward_row(const Rows& in, int64_t row, int t, const RowParams<acc_t>& p,
                          const acc_t* row_stats, const acc_t* upstream, scalar_t* grad_vis,
                          scalar_t* grad_txt) {
   const int64_t label = in.labels[row * in.label_stride];
@@ -92,18 +89,10 @@ void thread_backward_row(const Rows& in, int64_t row, int t, const Params<acc_t>
     thread_row_zero<scalar_t, TPR>(grad_vis, grad_txt, in.C, t);
     return;
   }
-  GradRow<acc_t> r;
-  r.inv_tau = p.inv_tau;
-  r.lambda_v = p.lambda_v;
-  r.one_minus_lambda_v = acc_t(1) - p.lambda_v;
-  r.lse_vis = row_stats[row * kNumRowStats + kRowLseVis];
-  r.lse_txt = row_stats[row * kNumRowStats + kRowLseTxt];
-  r.g = upstream[row];
-  r.g_txt = r.g * p.lambda_t * p.inv_tau;
   thread_row_grad<scalar_t, acc_t, TPR>(
       static_cast<const scalar_t*>(in.vis) + row * in.vis_stride,
       static_cast<const scalar_t*>(in.txt) + row * in.txt_stride, grad_vis, grad_txt, in.C, t,
-      label, r);
+      label, grad_row(p, row_stats + row * kNumRowStats, upstream[row]));
 }
 
 // Elements no thread has written hold this byte in every position (a nan
@@ -129,7 +118,7 @@ template <typename scalar_t, int TPR>
 int backward_rows(const Rows& in, const void* row_stats_in, const void* upstream_in,
                   void* grad_vis_out, void* grad_txt_out, int64_t guard, int32_t* writes) {
   using acc_t = acc_t_of<scalar_t>;
-  const auto p = make_params<acc_t>(in.tau, in.lambda_v, in.lambda_t, in.ignore_index);
+  const auto p = row_params<acc_t>(in.params);
   const auto* row_stats = static_cast<const acc_t*>(row_stats_in);
   const auto* upstream = static_cast<const acc_t*>(upstream_in);
   auto* grad_vis = static_cast<scalar_t*>(grad_vis_out);

@@ -1,19 +1,19 @@
 """The CUDA kernels' thread schedules, run on the host, where there is no GPU.
 
-The first part of csrc/cuda/tes_loss.cu says which columns thread t of a row's
-group reads and writes, and in what order the group's states merge. It is
-host-and-device code that compiles without ATen, so
-tests/cuda_schedules_on_host.cu runs it one thread at a time, for every launch
-shape (8, 32, 128 and 512 threads per row). These tests hold what comes out to
-the spec that tests/test_cuda.py holds the kernels to: conftest's tolerance
-table and half-type rule against the fp64 reference, on misaligned and
-row-strided rows too. They also check that each gradient element is written
+csrc/cuda/schedules.cuh says which columns thread t of a row's group reads and
+writes, and how they fold into one state. It is host-and-device code that
+compiles without ATen, so tests/cuda_schedules_on_host.cu runs it one thread at
+a time, for every launch shape (8, 32, 128 and 512 threads per row), and merges
+the threads' states in the order the kernels do. These tests hold what comes
+out to the spec every kernel is held to (conftest.assert_matches_reference: the
+tolerance table and half-type rule against the fp64 reference), on misaligned
+and row-strided rows too. They also check that each gradient element is written
 exactly once, and that a nan logit reaches the loss and the gradients as it
 does in the reference.
 
 Not covered here: the kernels themselves (launches, shuffles, shared memory,
-barriers, the batch reduction) and the choice of launch shape.
-tests/test_cuda.py covers those on a GPU.
+barriers, the batch reduction) and the choice of launch shape; the
+device-parametrized tests cover those on a GPU.
 """
 import ctypes
 import math
@@ -24,11 +24,13 @@ import subprocess
 import pytest
 import torch
 from conftest import (ALL_DTYPES, EDGE_CLASSES, HALF_DTYPES, ROW_LAYOUTS, TOLERANCES, assert_close,
-                      assert_matches_reference, draw_case, edge_case, run, run_reference64, scales)
+                      assert_matches_reference, draw_case, edge_case, raw_params, run,
+                      run_reference64, scales)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tesloss
+from tesloss import _ops
 from tesloss.reference import tes_loss as reference_tes_loss
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,13 +41,18 @@ DTYPE_CODES = {torch.float64: 0, torch.float32: 1, torch.bfloat16: 2, torch.floa
 GUARD = 16
 
 
+class Params(ctypes.Structure):
+    """csrc/params.h's Params, from the parameter table the library exports."""
+    _fields_ = [(name, {"float": ctypes.c_double, "int": ctypes.c_int64}[kind])
+                for name, kind in _ops.PARAMS]
+
+
 class Rows(ctypes.Structure):
     """The Rows struct of tests/cuda_schedules_on_host.cu."""
     _fields_ = [("vis", ctypes.c_void_p), ("txt", ctypes.c_void_p), ("labels", ctypes.c_void_p),
                 ("vis_stride", ctypes.c_int64), ("txt_stride", ctypes.c_int64),
                 ("label_stride", ctypes.c_int64), ("B", ctypes.c_int64), ("C", ctypes.c_int),
-                ("tau", ctypes.c_double), ("lambda_v", ctypes.c_double),
-                ("lambda_t", ctypes.c_double), ("ignore_index", ctypes.c_int64)]
+                ("params", Params)]
 
 
 @pytest.fixture(scope="session")
@@ -93,24 +100,24 @@ def run_schedules(schedules, case, tpr, count_writes=False):
     GUARD]. The batch reduction, which is not the schedules' work, is done here."""
     vis, txt = unit_class_stride(case.vis_logits), unit_class_stride(case.txt_logits)
     dtype, target, kw = vis.dtype, case.target, case.kwargs
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    acc = _ops.acc_dtype(dtype)
     batch, num_classes = vis.shape
     rows = Rows(vis.data_ptr(), txt.data_ptr(), target.data_ptr(), vis.stride(0), txt.stride(0),
-                target.stride(0), batch, num_classes, kw["tau"], kw["lambda_v"], kw["lambda_t"],
-                kw["ignore_index"])
+                target.stride(0), batch, num_classes, Params(**raw_params(**kw)))
     code = DTYPE_CODES[dtype]
 
-    row_stats = torch.full((batch, 6), math.nan, dtype=acc)  # tes_loss.h's kNumRowStats
+    row_stats = torch.full((batch, len(_ops.ROW_STATS)), math.nan, dtype=acc)
     call(schedules.tesloss_schedule_forward, code, tpr, ctypes.byref(rows),
          ctypes.c_void_p(row_stats.data_ptr()))
     num_valid = (target != kw["ignore_index"]).sum().to(acc)
     grad_out = case.grad_out.to(acc)
+    row_loss = row_stats[:, _ops.ROW_STATS.index("loss")]
     if kw["reduction"] == "none":
-        loss, upstream = row_stats[:, 0], grad_out.contiguous()
+        loss, upstream = row_loss, grad_out.contiguous()
     elif kw["reduction"] == "sum":
-        loss, upstream = row_stats[:, 0].sum(), grad_out.expand(batch).contiguous()
+        loss, upstream = row_loss.sum(), grad_out.expand(batch).contiguous()
     else:
-        loss, upstream = row_stats[:, 0].sum() / num_valid, (grad_out / num_valid).expand(
+        loss, upstream = row_loss.sum() / num_valid, (grad_out / num_valid).expand(
             batch).contiguous()
 
     # nan until written, so an element no thread writes fails the comparison. With

@@ -1,0 +1,31 @@
+// The fp32 exp of the CUDA kernels. tes_loss.h includes this header where nvcc
+// compiles it.
+//
+// On the GPU it is 2^(x log2 e) from the MUFU unit's ex2.approx.ftz: two
+// instructions where expf takes eight, chosen from the compiled kernels'
+// instruction counts (docs/DESIGN.md). Rounding x log2 e to fp32 errs by
+// about |x| 2^-24 relative, and ex2.approx by about 2 ulp; every x here is a
+// logit minus its row's max or log-sum-exp, and the terms that matter have
+// |x| < 20. Results below 2^-126 flush to 0. Host code that nvcc compiles
+// (tests/test_cuda_schedules.py runs the thread schedules on the host) rounds
+// the same product and flushes alike, leaving out only ex2.approx's own error.
+#pragma once
+
+#include <cmath>
+#include <limits>
+
+namespace tesloss {
+
+__host__ __device__ __forceinline__ float tes_exp(float x) {
+  const float t = x * 1.44269504088896341f;  // log2 e
+#if defined(__CUDA_ARCH__)
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(t));
+  return y;
+#else
+  const float y = ::exp2f(t);
+  return y < std::numeric_limits<float>::min() ? 0.0f : y;
+#endif
+}
+
+}  // namespace tesloss

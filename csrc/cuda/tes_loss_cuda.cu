@@ -1,0 +1,366 @@
+// The CUDA kernels of the fused TeS loss and their launches. The formulas come
+// from ../tes_loss.h and which thread reads which columns from schedules.cuh;
+// this file adds the GPU's part: the merge of a row group's states, the batch
+// sums, and the launch shapes.
+//
+// Forward: a group of TPR threads owns a row. Each thread keeps online-softmax
+// statistics of the columns it reads, the group merges them in a fixed order
+// (shuffles, then shared memory across warps), and the group's first thread
+// finalizes the row. Every block also sums its rows in a fixed order into one
+// partial; a one-block kernel sums the partials in a fixed tree and finalizes
+// the batch. No floating-point atomics, so results are bitwise the same on
+// every run on one device.
+//
+// Backward: the same groups read each row once and write both gradients once.
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+
+#include "cuda/launch_shapes.h"
+#include "cuda/schedules.cuh"
+#include "kernels.h"
+#include "tes_loss.h"
+
+namespace tesloss {
+namespace {
+
+template <typename acc_t>
+__device__ __forceinline__ RowState<acc_t> shfl_xor_state(const RowState<acc_t>& s, int lane_mask,
+                                                          int width) {
+  constexpr unsigned kAllLanes = 0xffffffffu;
+  return RowState<acc_t>{__shfl_xor_sync(kAllLanes, s.max_vis, lane_mask, width),
+                         __shfl_xor_sync(kAllLanes, s.sum_vis, lane_mask, width),
+                         __shfl_xor_sync(kAllLanes, s.max_txt, lane_mask, width),
+                         __shfl_xor_sync(kAllLanes, s.sum_txt, lane_mask, width),
+                         __shfl_xor_sync(kAllLanes, s.ref_dot_vis, lane_mask, width),
+                         __shfl_xor_sync(kAllLanes, s.ref_dot_txt, lane_mask, width)};
+}
+
+// Merges the states of kLanes consecutive lanes; every lane of the warp must
+// call it, whatever its row.
+template <typename acc_t, int kLanes>
+__device__ __forceinline__ RowState<acc_t> lanes_merge(RowState<acc_t> state) {
+#pragma unroll
+  for (int lane_mask = kLanes / 2; lane_mask > 0; lane_mask /= 2) {
+    state = row_state_merge(state, shfl_xor_state(state, lane_mask, kLanes));
+  }
+  return state;
+}
+
+// The merged state of a row group's TPR threads, in thread t = 0: shuffles
+// within each warp, then, for a row of several warps, the warps' states in
+// order through shared memory. Every thread of the block must call it.
+template <typename acc_t, int TPR, int RPB>
+__device__ __forceinline__ RowState<acc_t> group_merge(RowState<acc_t> state, int group, int t) {
+  static_assert(TPR <= 32 ? 32 % TPR == 0 : TPR % 32 == 0, "a row's threads tile warps");
+  if constexpr (TPR <= 32) {
+    return lanes_merge<acc_t, TPR>(state);
+  } else {
+    constexpr int kWarpsPerRow = TPR / 32;
+    __shared__ RowState<acc_t> warp_states[RPB][kWarpsPerRow];
+    state = lanes_merge<acc_t, 32>(state);
+    __syncthreads();  // the previous row's states have been read
+    if (t % 32 == 0) warp_states[group][t / 32] = state;
+    __syncthreads();
+    if (t == 0) {
+      state = warp_states[group][0];
+#pragma unroll
+      for (int w = 1; w < kWarpsPerRow; ++w) state = row_state_merge(state, warp_states[group][w]);
+    }
+    return state;
+  }
+}
+
+// Entries of the per-block partial sums the forward leaves for the finish kernel.
+enum Partial : int {
+  kPartLoss,
+  kPartCeVis,
+  kPartKlRef,
+  kPartCeTxt,
+  kPartCount,
+  kNumPartials,
+};
+
+template <typename scalar_t, typename acc_t>
+struct ForwardArgs : RowInputs<scalar_t, acc_t> {
+  acc_t* row_stats;  // [B, kNumRowStats]
+  acc_t* loss_rows;  // [B] for reduction "none", else null
+  acc_t* partials;   // [gridDim.x, kNumPartials]
+};
+
+// Thread 0's part of a merged row: its statistics, its loss for reduction
+// "none", and, unless it is ignored, its share of the group's sums.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void finish_row(const ForwardArgs<scalar_t, acc_t>& a, int64_t row,
+                                           bool work, bool ignored, const RowState<acc_t>& state,
+                                           acc_t z_label, acc_t s_label,
+                                           acc_t (&parts)[kNumPartials]) {
+  acc_t out[kNumRowStats];
+  if (work) {
+    row_finalize(state, z_label, s_label, a.p, out);
+  } else if (ignored) {
+    row_ignored(out);
+  } else {  // a bad label, reached only where kernel asserts are compiled out
+#pragma unroll
+    for (int k = 0; k < kNumRowStats; ++k) out[k] = std::numeric_limits<acc_t>::quiet_NaN();
+  }
+  acc_t* stats = a.row_stats + row * kNumRowStats;
+#pragma unroll
+  for (int k = 0; k < kNumRowStats; ++k) stats[k] = out[k];
+  if (a.loss_rows != nullptr) a.loss_rows[row] = out[kRowLoss];
+  if (!ignored) {
+    parts[kPartLoss] += out[kRowLoss];
+    parts[kPartCeVis] += out[kRowCeVis];
+    parts[kPartKlRef] += out[kRowKlRef];
+    parts[kPartCeTxt] += out[kRowCeTxt];
+    parts[kPartCount] += acc_t(1);
+  }
+}
+
+// Writes the block's partial: its row groups' sums, added in group order.
+template <typename acc_t, int RPB>
+__device__ __forceinline__ void write_block_partial(const acc_t (&parts)[kNumPartials], int group,
+                                                    int t, acc_t* partials) {
+  __shared__ acc_t group_parts[RPB][kNumPartials];
+  if (t == 0) {
+#pragma unroll
+    for (int k = 0; k < kNumPartials; ++k) group_parts[group][k] = parts[k];
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    acc_t block_parts[kNumPartials];
+#pragma unroll
+    for (int k = 0; k < kNumPartials; ++k) block_parts[k] = group_parts[0][k];
+    for (int g = 1; g < RPB; ++g) {
+#pragma unroll
+      for (int k = 0; k < kNumPartials; ++k) block_parts[k] += group_parts[g][k];
+    }
+#pragma unroll
+    for (int k = 0; k < kNumPartials; ++k) {
+      partials[int64_t(blockIdx.x) * kNumPartials + k] = block_parts[k];
+    }
+  }
+}
+
+// TPR threads per row, RPB rows per block. The loop over rows runs the same
+// number of times in every thread of a block, so the barriers and shuffles of
+// the merge are reached by all of them, rows past the end and ignored rows too.
+template <typename scalar_t, typename acc_t, int TPR, int RPB>
+__global__ void __launch_bounds__(TPR * RPB)
+    tes_forward_kernel(const ForwardArgs<scalar_t, acc_t> a) {
+  const int group = threadIdx.x / TPR;
+  const int t = threadIdx.x % TPR;
+  const int C = static_cast<int>(a.C);  // at most kMaxColumns (check_cuda_tensors)
+  acc_t parts[kNumPartials] = {};  // sums over this row group's rows, in row order
+
+  for (int64_t first_row = int64_t(blockIdx.x) * RPB; first_row < a.B;
+       first_row += int64_t(gridDim.x) * RPB) {
+    const int64_t row = first_row + group;
+    const bool active = row < a.B;
+    const int64_t label = active ? a.labels[row * a.label_stride] : a.p.ignore_index;
+    const bool ignored = is_ignored(label, a.p);
+    const bool valid = is_valid_label<acc_t>(label, C);
+    if (active && t == 0) {
+      CUDA_KERNEL_ASSERT(ignored || valid);
+    }
+    const bool work = active && !ignored && valid;
+
+    RowState<acc_t> state = row_state_empty<acc_t>();
+    acc_t z_label = 0;
+    acc_t s_label = 0;
+    if (work) {
+      const scalar_t* vis_row = a.vis + row * a.vis_stride;
+      const scalar_t* txt_row = a.txt + row * a.txt_stride;
+      if (t == 0) {  // loaded before the sweep, which then hides its latency
+        z_label = static_cast<acc_t>(vis_row[label]);
+        s_label = static_cast<acc_t>(txt_row[label]) * a.p.inv_tau;
+      }
+      state = thread_row_state<scalar_t, acc_t, TPR>(vis_row, txt_row, C, t, a.p.inv_tau);
+    }
+    state = group_merge<acc_t, TPR, RPB>(state, group, t);
+    if (active && t == 0) finish_row(a, row, work, ignored, state, z_label, s_label, parts);
+  }
+  write_block_partial<acc_t, RPB>(parts, group, t, a.partials);
+}
+
+constexpr int kFinishThreads = 256;
+
+// Sums the forward's per-block partials in a fixed tree and writes the loss
+// (for "mean" and "sum") and batch_stats. The row count is summed as an
+// integer, so it is exact for any batch.
+template <typename acc_t>
+__global__ void __launch_bounds__(kFinishThreads)
+    tes_finish_kernel(const acc_t* __restrict__ partials, int num_partials, int64_t reduction,
+                      acc_t* __restrict__ loss, acc_t* __restrict__ batch_stats) {
+  constexpr int kNumSums = kPartCount;
+  __shared__ acc_t sums[kNumSums][kFinishThreads];
+  __shared__ long long counts[kFinishThreads];
+  const int tid = threadIdx.x;
+
+  acc_t sum[kNumSums] = {};
+  long long count = 0;
+  for (int i = tid; i < num_partials; i += kFinishThreads) {
+    const acc_t* part = partials + int64_t(i) * kNumPartials;
+#pragma unroll
+    for (int k = 0; k < kNumSums; ++k) sum[k] += part[k];
+    count += static_cast<long long>(part[kPartCount]);
+  }
+#pragma unroll
+  for (int k = 0; k < kNumSums; ++k) sums[k][tid] = sum[k];
+  counts[tid] = count;
+  __syncthreads();
+  for (int half = kFinishThreads / 2; half > 0; half /= 2) {
+    if (tid < half) {
+#pragma unroll
+      for (int k = 0; k < kNumSums; ++k) sums[k][tid] += sums[k][tid + half];
+      counts[tid] += counts[tid + half];
+    }
+    __syncthreads();
+  }
+  if (tid == 0) {
+    acc_t row_sums[kNumRowStats] = {};
+    row_sums[kRowLoss] = sums[kPartLoss][0];
+    row_sums[kRowCeVis] = sums[kPartCeVis][0];
+    row_sums[kRowKlRef] = sums[kPartKlRef][0];
+    row_sums[kRowCeTxt] = sums[kPartCeTxt][0];
+    batch_finalize(row_sums, static_cast<acc_t>(counts[0]), reduction,
+                   reduction == kReduceNone ? nullptr : loss, batch_stats);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+struct BackwardArgs : RowInputs<scalar_t, acc_t> {
+  const acc_t* row_stats;    // [B, kNumRowStats], contiguous
+  const acc_t* grad_loss;    // [B] or one value
+  const acc_t* batch_stats;  // the count of rows not ignored, read here on the device
+  int64_t grad_stride;
+  int64_t reduction;
+  scalar_t* grad_vis;  // [B, C], contiguous
+  scalar_t* grad_txt;
+};
+
+// No merge between threads, so the loop over rows need not be uniform.
+template <typename scalar_t, typename acc_t, int TPR, int RPB>
+__global__ void __launch_bounds__(TPR * RPB)
+    tes_backward_kernel(const BackwardArgs<scalar_t, acc_t> a) {
+  const int group = threadIdx.x / TPR;
+  const int t = threadIdx.x % TPR;
+  const int C = static_cast<int>(a.C);  // at most kMaxColumns (check_cuda_tensors)
+  const acc_t num_valid = a.batch_stats[kBatchValid];
+
+  for (int64_t row = int64_t(blockIdx.x) * RPB + group; row < a.B;
+       row += int64_t(gridDim.x) * RPB) {
+    const int64_t label = a.labels[row * a.label_stride];
+    if (t == 0) {
+      CUDA_KERNEL_ASSERT(is_ignored(label, a.p) || is_valid_label<acc_t>(label, C));
+    }
+    scalar_t* grad_vis_row = a.grad_vis + row * C;
+    scalar_t* grad_txt_row = a.grad_txt + row * C;
+    if (is_ignored(label, a.p)) {
+      thread_row_zero<scalar_t, TPR>(grad_vis_row, grad_txt_row, C, t);
+      continue;
+    }
+    const acc_t g = row_upstream_grad(a.grad_loss, a.grad_stride, row, a.reduction, num_valid);
+    thread_row_grad<scalar_t, acc_t, TPR>(a.vis + row * a.vis_stride, a.txt + row * a.txt_stride,
+                                          grad_vis_row, grad_txt_row, C, t, label,
+                                          grad_row(a.p, a.row_stats + row * kNumRowStats, g));
+  }
+}
+
+DeviceSize current_device_size() {
+  const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
+  return DeviceSize{props->multiProcessorCount, props->maxThreadsPerMultiProcessor};
+}
+
+// Columns are indexed with 32-bit integers inside a row, with room for a
+// sweep's stride past the last one.
+constexpr int64_t kMaxColumns = int64_t(1) << 30;
+
+void check_cuda_tensors(const char* op, const at::Tensor& vis_logits) {
+  TORCH_CHECK(vis_logits.is_cuda(), op, ": vis_logits must be a CUDA tensor, got ",
+              vis_logits.device());
+  TORCH_CHECK(vis_logits.size(1) <= kMaxColumns, op, ": vis_logits must have at most ",
+              kMaxColumns, " classes on CUDA, got ", vis_logits.size(1));
+}
+
+}  // namespace
+
+void tes_loss_forward_cuda(const ForwardTensors& t, const Params& params) {
+  check_cuda_tensors("fused_tes_loss", t.vis_logits);
+  const c10::cuda::CUDAGuard device_guard(t.vis_logits.device());
+  const int64_t B = t.vis_logits.size(0);
+  const int64_t C = t.vis_logits.size(1);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const DeviceSize device = current_device_size();
+  const int tpr = threads_per_row(B, C, device.sm_count * device.threads_per_sm);
+  const bool per_row = params.reduction == kReduceNone;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, t.vis_logits.scalar_type(), "tes_loss_forward_cuda", [&] {
+        using acc_t = acc_t_of<scalar_t>;
+        ForwardArgs<scalar_t, acc_t> args{row_inputs<scalar_t, acc_t>(t, params)};
+        args.row_stats = t.row_stats.mutable_data_ptr<acc_t>();
+        args.loss_rows = per_row ? t.loss.mutable_data_ptr<acc_t>() : nullptr;
+        args.partials = nullptr;
+
+        int num_partials = 0;
+        at::Tensor partials;
+        with_row_shape(tpr, [&](auto threads, auto rows) {
+          constexpr int TPR = decltype(threads)::value;
+          constexpr int RPB = decltype(rows)::value;
+          num_partials = row_blocks(B, RPB, TPR * RPB, device);
+          partials = at::empty({int64_t(num_partials), int64_t(kNumPartials)},
+                               t.row_stats.options());
+          if (num_partials == 0) return;  // B == 0: the finish kernel alone gives the empty sums
+          args.partials = partials.mutable_data_ptr<acc_t>();
+          tes_forward_kernel<scalar_t, acc_t, TPR, RPB>
+              <<<num_partials, TPR * RPB, 0, stream>>>(args);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+        tes_finish_kernel<acc_t><<<1, kFinishThreads, 0, stream>>>(
+            args.partials, num_partials, params.reduction,
+            per_row ? nullptr : t.loss.mutable_data_ptr<acc_t>(),
+            t.batch_stats.mutable_data_ptr<acc_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+}
+
+void tes_loss_backward_cuda(const BackwardTensors& t, const Params& params) {
+  check_cuda_tensors("tes_loss_backward", t.vis_logits);
+  const int64_t B = t.vis_logits.size(0);
+  const int64_t C = t.vis_logits.size(1);
+  if (B == 0) return;
+  const c10::cuda::CUDAGuard device_guard(t.vis_logits.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const DeviceSize device = current_device_size();
+  const int tpr = threads_per_row(B, C, device.sm_count * device.threads_per_sm);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, t.vis_logits.scalar_type(), "tes_loss_backward_cuda", [&] {
+        using acc_t = acc_t_of<scalar_t>;
+        BackwardArgs<scalar_t, acc_t> args{row_inputs<scalar_t, acc_t>(t, params)};
+        args.row_stats = t.row_stats.const_data_ptr<acc_t>();
+        args.grad_loss = t.grad_loss.const_data_ptr<acc_t>();
+        args.batch_stats = t.batch_stats.const_data_ptr<acc_t>();
+        args.grad_stride = t.grad_loss.dim() == 1 ? t.grad_loss.stride(0) : 0;
+        args.reduction = params.reduction;
+        args.grad_vis = t.grad_vis.mutable_data_ptr<scalar_t>();
+        args.grad_txt = t.grad_txt.mutable_data_ptr<scalar_t>();
+        with_row_shape(tpr, [&](auto threads, auto rows) {
+          constexpr int TPR = decltype(threads)::value;
+          constexpr int RPB = decltype(rows)::value;
+          tes_backward_kernel<scalar_t, acc_t, TPR, RPB>
+              <<<row_blocks(B, RPB, TPR * RPB, device), TPR * RPB, 0, stream>>>(args);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+      });
+}
+
+}  // namespace tesloss

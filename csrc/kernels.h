@@ -1,0 +1,72 @@
+// The tensors of each pass as the kernels read and write them, and each
+// device's kernels, declared once. ops.cpp checks the op's arguments, fills
+// these structs (prepare_forward, prepare_backward) and binds the kernels to
+// the dispatcher; the kernels only read inputs and fill outputs.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include "params.h"
+
+namespace tesloss {
+
+struct ForwardTensors {
+  at::Tensor vis_logits;   // [B, C], class stride 1; rows may be strided
+  at::Tensor txt_logits;   // [B, C], vis_logits' dtype, class stride 1
+  at::Tensor target;       // [B] int64, any stride
+  at::Tensor loss;         // out: [B] for reduction none, else [], accumulation type
+  at::Tensor row_stats;    // out: [B, kNumRowStats], contiguous, accumulation type
+  at::Tensor batch_stats;  // out: [kNumBatchStats], accumulation type
+};
+
+struct BackwardTensors {
+  at::Tensor grad_loss;    // [B] (any stride) or one value, accumulation type
+  at::Tensor vis_logits;   // as in ForwardTensors
+  at::Tensor txt_logits;
+  at::Tensor target;
+  at::Tensor row_stats;    // the forward's, contiguous, accumulation type
+  at::Tensor batch_stats;  // the forward's, contiguous, accumulation type
+  at::Tensor grad_vis;     // out: [B, C], contiguous, the logits' dtype
+  at::Tensor grad_txt;     // out: [B, C], contiguous, the logits' dtype
+};
+
+// What both passes read of the rows, as the kernels index them.
+template <typename scalar_t, typename acc_t>
+struct RowInputs {
+  const scalar_t* vis;
+  const scalar_t* txt;
+  const int64_t* labels;
+  int64_t vis_stride;
+  int64_t txt_stride;
+  int64_t label_stride;
+  int64_t B;
+  int64_t C;
+  RowParams<acc_t> p;
+};
+
+// From ForwardTensors or BackwardTensors.
+template <typename scalar_t, typename acc_t, typename Tensors>
+RowInputs<scalar_t, acc_t> row_inputs(const Tensors& t, const Params& params) {
+  return RowInputs<scalar_t, acc_t>{t.vis_logits.template const_data_ptr<scalar_t>(),
+                                    t.txt_logits.template const_data_ptr<scalar_t>(),
+                                    t.target.template const_data_ptr<int64_t>(),
+                                    t.vis_logits.stride(0),
+                                    t.txt_logits.stride(0),
+                                    t.target.stride(0),
+                                    t.vis_logits.size(0),
+                                    t.vis_logits.size(1),
+                                    row_params<acc_t>(params)};
+}
+
+using ForwardKernel = void (*)(const ForwardTensors&, const Params&);
+using BackwardKernel = void (*)(const BackwardTensors&, const Params&);
+
+void tes_loss_forward_cpu(const ForwardTensors& t, const Params& params);
+void tes_loss_backward_cpu(const BackwardTensors& t, const Params& params);
+
+#ifdef WITH_CUDA
+void tes_loss_forward_cuda(const ForwardTensors& t, const Params& params);
+void tes_loss_backward_cuda(const BackwardTensors& t, const Params& params);
+#endif
+
+}  // namespace tesloss

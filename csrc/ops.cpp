@@ -1,0 +1,365 @@
+// The fused TeS loss as torch sees it: the op schemas, the argument checks,
+// autograd, the binding of each device's kernels, and the Python module that
+// carries the op's constants.
+//
+// Kernels are bound as boxed functions: the dispatcher hands over the schema's
+// arguments as a stack, from which read_params builds one Params (checking
+// each value against params.h's table) and prepare_* the named tensors the
+// kernels take. So no signature lists the parameters one by one, and a new
+// parameter needs no change here.
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <ATen/core/stack.h>
+#include <torch/csrc/DynamicTypes.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+#include <array>
+#include <cmath>
+#include <utility>
+
+#include "kernels.h"
+#include "params.h"
+
+#ifndef TESLOSS_CPU_CAPABILITY_NAME
+#define TESLOSS_CPU_CAPABILITY_NAME default
+#endif
+#define TESLOSS_STR_(x) #x
+#define TESLOSS_STR(x) TESLOSS_STR_(x)
+
+namespace tesloss {
+namespace {
+
+using torch::jit::Stack;
+
+constexpr int kForwardTensorArgs = 3;   // vis_logits, txt_logits, target
+constexpr int kBackwardTensorArgs = 6;  // grad_loss, the forward's three, row_stats, batch_stats
+
+// ", float tau, float lambda_v, ...": the parameters' part of both schemas.
+#define TESLOSS_SCHEMA_ARG(type, name, schema_type, ...) ", " schema_type " " #name
+#define TESLOSS_SCHEMA_PARAMS TESLOSS_FOR_EACH_PARAM(TESLOSS_SCHEMA_ARG)
+
+// The parameters from the schema's arguments, each checked against its
+// condition in params.h. The same check serves the forward and the backward op.
+Params read_params(c10::ArrayRef<c10::IValue> args, const char* op) {
+  TORCH_INTERNAL_ASSERT(args.size() == kNumParams, op, ": expected ", kNumParams,
+                        " parameters, got ", args.size());
+  Params p;
+  size_t next = 0;
+#define TESLOSS_READ_PARAM(type, name, schema_type, condition, expected)          \
+  {                                                                               \
+    const type value = args[next++].to<type>();                                   \
+    TORCH_CHECK(condition, op, ": " #name " must be " expected ", got ", value);  \
+    p.name = value;                                                               \
+  }
+  TESLOSS_FOR_EACH_PARAM(TESLOSS_READ_PARAM)
+#undef TESLOSS_READ_PARAM
+  return p;
+}
+
+void push_params(Stack& stack, const Params& p) {
+#define TESLOSS_PUSH_PARAM(type, name, ...) stack.emplace_back(p.name);
+  TESLOSS_FOR_EACH_PARAM(TESLOSS_PUSH_PARAM)
+#undef TESLOSS_PUSH_PARAM
+}
+
+// The tensor checks both devices share, so both refuse the same arguments with
+// the same messages. Label values are checked by the kernels, which read each
+// label anyway.
+void check_forward_tensors(const at::Tensor& vis_logits, const at::Tensor& txt_logits,
+                           const at::Tensor& target) {
+  TORCH_CHECK(vis_logits.dim() == 2, "fused_tes_loss: vis_logits must be 2-D [B, C], got ",
+              vis_logits.dim(), "-D of shape ", vis_logits.sizes());
+  TORCH_CHECK(txt_logits.sizes() == vis_logits.sizes(),
+              "fused_tes_loss: txt_logits must have the shape of vis_logits ",
+              vis_logits.sizes(), ", got ", txt_logits.sizes());
+  TORCH_CHECK(vis_logits.size(1) > 0, "fused_tes_loss: vis_logits must have C >= 1 classes, got ",
+              vis_logits.sizes());
+  TORCH_CHECK(at::isFloatingType(vis_logits.scalar_type()),
+              "fused_tes_loss: vis_logits must be floating point, got ", vis_logits.scalar_type());
+  TORCH_CHECK(txt_logits.scalar_type() == vis_logits.scalar_type(),
+              "fused_tes_loss: txt_logits must have the dtype of vis_logits (",
+              vis_logits.scalar_type(), "), got ", txt_logits.scalar_type());
+  TORCH_CHECK(target.scalar_type() == at::kLong && target.dim() == 1 &&
+                  target.size(0) == vis_logits.size(0),
+              "fused_tes_loss: target must be int64 of shape [B]=[", vis_logits.size(0),
+              "], got ", target.scalar_type(), " of shape ", target.sizes());
+  TORCH_CHECK(vis_logits.device() == txt_logits.device() && vis_logits.device() == target.device(),
+              "fused_tes_loss: vis_logits, txt_logits and target must be on one device, got ",
+              vis_logits.device(), ", ", txt_logits.device(), " and ", target.device());
+}
+
+void check_backward_tensors(const at::Tensor& grad_loss, const at::Tensor& vis_logits,
+                            const at::Tensor& row_stats, const at::Tensor& batch_stats,
+                            int64_t reduction) {
+  const int64_t B = vis_logits.size(0);
+  if (reduction == kReduceNone) {
+    TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == B,
+                "tes_loss_backward: grad_loss must have shape [B]=[", B, "] for reduction none, got ",
+                grad_loss.sizes());
+  } else {
+    TORCH_CHECK(grad_loss.numel() == 1, "tes_loss_backward: grad_loss must be a scalar, got ",
+                grad_loss.sizes());
+  }
+  TORCH_CHECK(row_stats.dim() == 2 && row_stats.size(0) == B && row_stats.size(1) == kNumRowStats,
+              "tes_loss_backward: row_stats must have shape [", B, ", ", int(kNumRowStats),
+              "], got ", row_stats.sizes());
+  TORCH_CHECK(batch_stats.numel() == kNumBatchStats, "tes_loss_backward: batch_stats must have ",
+              int(kNumBatchStats), " entries, got ", batch_stats.sizes());
+  for (const auto& [name, tensor] : {std::pair<const char*, const at::Tensor&>{"grad_loss", grad_loss},
+                                     {"row_stats", row_stats}, {"batch_stats", batch_stats}}) {
+    TORCH_CHECK(tensor.device() == vis_logits.device(), "tes_loss_backward: ", name,
+                " must be on the device of vis_logits (", vis_logits.device(), "), got ",
+                tensor.device());
+  }
+}
+
+// The kernels read rows through a row stride; only the class stride must be 1.
+at::Tensor with_unit_class_stride(const at::Tensor& logits) {
+  return (logits.size(1) <= 1 || logits.stride(1) == 1) ? logits : logits.contiguous();
+}
+
+at::ScalarType acc_scalar_type(at::ScalarType t) {
+  return AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t, "acc_scalar_type", [] {
+    return c10::CppTypeToScalarType<acc_t_of<scalar_t>>::value;
+  });
+}
+
+ForwardTensors prepare_forward(const at::Tensor& vis_logits, const at::Tensor& txt_logits,
+                               const at::Tensor& target, const Params& p) {
+  check_forward_tensors(vis_logits, txt_logits, target);
+  const int64_t B = vis_logits.size(0);
+  const auto acc = vis_logits.options().dtype(acc_scalar_type(vis_logits.scalar_type()));
+  return ForwardTensors{with_unit_class_stride(vis_logits),
+                        with_unit_class_stride(txt_logits),
+                        target,
+                        p.reduction == kReduceNone ? at::empty({B}, acc) : at::empty({}, acc),
+                        at::empty({B, kNumRowStats}, acc),
+                        at::empty({kNumBatchStats}, acc)};
+}
+
+BackwardTensors prepare_backward(c10::ArrayRef<c10::IValue> tensors, const Params& p) {
+  const at::Tensor& grad_loss = tensors[0].toTensor();
+  const at::Tensor& vis_logits = tensors[1].toTensor();
+  const at::Tensor& txt_logits = tensors[2].toTensor();
+  const at::Tensor& row_stats = tensors[4].toTensor();
+  const at::Tensor& batch_stats = tensors[5].toTensor();
+  check_forward_tensors(vis_logits, txt_logits, tensors[3].toTensor());
+  check_backward_tensors(grad_loss, vis_logits, row_stats, batch_stats, p.reduction);
+  const auto acc = acc_scalar_type(vis_logits.scalar_type());
+  // Checked first: even a .to() that returns its input costs a dispatch.
+  // grad_loss keeps its strides (a [B] gradient may be an expanded scalar).
+  const auto as_acc = [acc](const at::Tensor& t) {
+    return t.scalar_type() == acc ? t : t.to(acc);
+  };
+  return BackwardTensors{as_acc(grad_loss),
+                         with_unit_class_stride(vis_logits),
+                         with_unit_class_stride(txt_logits),
+                         tensors[3].toTensor(),
+                         as_acc(row_stats).contiguous(),
+                         as_acc(batch_stats).contiguous(),
+                         at::empty(vis_logits.sizes(), vis_logits.options()),
+                         at::empty(txt_logits.sizes(), txt_logits.options())};
+}
+
+// A device's forward kernel as the dispatcher calls it: the schema's arguments
+// in, (loss, row_stats, batch_stats) out.
+template <ForwardKernel kernel>
+void boxed_forward(const c10::OperatorHandle&, Stack* stack) {
+  constexpr size_t kArgs = kForwardTensorArgs + kNumParams;
+  const auto args = torch::jit::last(*stack, kArgs);
+  const Params p = read_params(args.slice(kForwardTensorArgs), "tes_loss_forward");
+  const ForwardTensors t =
+      prepare_forward(args[0].toTensor(), args[1].toTensor(), args[2].toTensor(), p);
+  kernel(t, p);
+  torch::jit::drop(*stack, kArgs);
+  torch::jit::push(*stack, t.loss, t.row_stats, t.batch_stats);
+}
+
+// A device's backward kernel as the dispatcher calls it: (grad_vis, grad_txt) out.
+template <BackwardKernel kernel>
+void boxed_backward(const c10::OperatorHandle&, Stack* stack) {
+  constexpr size_t kArgs = kBackwardTensorArgs + kNumParams;
+  const auto args = torch::jit::last(*stack, kArgs);
+  const Params p = read_params(args.slice(kBackwardTensorArgs), "tes_loss_backward");
+  const BackwardTensors t = prepare_backward(args.slice(0, kBackwardTensorArgs), p);
+  kernel(t, p);
+  torch::jit::drop(*stack, kArgs);
+  torch::jit::push(*stack, t.grad_vis, t.grad_txt);
+}
+
+// Calls an op with these tensors and parameters; returns its outputs.
+Stack call_op(const c10::OperatorHandle& op, Stack stack, const Params& p) {
+  push_params(stack, p);
+  op.callBoxed(stack);
+  return stack;
+}
+
+const c10::OperatorHandle& forward_op() {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("tesloss::tes_loss_forward", "");
+  return op;
+}
+
+const c10::OperatorHandle& backward_op() {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("tesloss::tes_loss_backward", "");
+  return op;
+}
+
+// Autograd for the forward op, for every device, bound in C++ rather than with
+// torch.library.register_autograd, whose Python wrapper costs more than the
+// whole CPU kernel at small shapes (docs/DESIGN.md). The backward op has no
+// autograd of its own.
+class TesLossFunction : public torch::autograd::Function<TesLossFunction> {
+ public:
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx,
+                                                const at::Tensor& vis_logits,
+                                                const at::Tensor& txt_logits,
+                                                const at::Tensor& target, const Params& p) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const Stack out = call_op(forward_op(), {vis_logits, txt_logits, target}, p);
+    const at::Tensor& row_stats = out[1].toTensor();
+    const at::Tensor& batch_stats = out[2].toTensor();
+    ctx->save_for_backward({vis_logits, txt_logits, target, row_stats, batch_stats});
+    Stack params;
+    push_params(params, p);
+    ctx->saved_data["params"] = c10::ivalue::Tuple::create(std::move(params));
+    ctx->mark_non_differentiable({row_stats, batch_stats});
+    // The statistics get no gradient; without this, autograd would allocate
+    // (and on a GPU, fill) zero gradients for them before every backward.
+    ctx->set_materialize_grads(false);
+    return {out[0].toTensor(), row_stats, batch_stats};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    if (!grads[0].defined()) return {{}, {}, {}, {}};  // no gradient reached the loss
+    const auto saved = ctx->get_saved_variables();
+    const Params p = read_params(ctx->saved_data["params"].toTupleRef().elements().asArrayRef(),
+                                 "tes_loss_backward");
+    const Stack out = call_op(backward_op(),
+                              {grads[0], saved[0], saved[1], saved[2], saved[3], saved[4]}, p);
+    return {out[0].toTensor(), out[1].toTensor(), {}, {}};
+  }
+};
+
+void autograd_forward(const c10::OperatorHandle&, Stack* stack) {
+  constexpr size_t kArgs = kForwardTensorArgs + kNumParams;
+  const auto args = torch::jit::last(*stack, kArgs);
+  const Params p = read_params(args.slice(kForwardTensorArgs), "tes_loss_forward");
+  auto out = TesLossFunction::apply(args[0].toTensor(), args[1].toTensor(), args[2].toTensor(), p);
+  torch::jit::drop(*stack, kArgs);
+  torch::jit::push(*stack, std::move(out[0]), std::move(out[1]), std::move(out[2]));
+}
+
+}  // namespace
+
+TORCH_LIBRARY(tesloss, m) {
+  // Per-row losses (or their mean / sum), the per-row statistics the backward
+  // and the logged parts need, and [count of rows not ignored, mean parts].
+  m.def("tes_loss_forward(Tensor vis_logits, Tensor txt_logits, Tensor target"
+        TESLOSS_SCHEMA_PARAMS ") -> (Tensor loss, Tensor row_stats, Tensor batch_stats)");
+  m.def("tes_loss_backward(Tensor grad_loss, Tensor vis_logits, Tensor txt_logits, "
+        "Tensor target, Tensor row_stats, Tensor batch_stats" TESLOSS_SCHEMA_PARAMS
+        ") -> (Tensor grad_vis_logits, Tensor grad_txt_logits)");
+}
+
+TORCH_LIBRARY_IMPL(tesloss, Autograd, m) {
+  m.impl("tes_loss_forward", torch::CppFunction::makeFromBoxedFunction<&autograd_forward>());
+}
+
+TORCH_LIBRARY_IMPL(tesloss, CPU, m) {
+  m.impl("tes_loss_forward",
+         torch::CppFunction::makeFromBoxedFunction<&boxed_forward<&tes_loss_forward_cpu>>());
+  m.impl("tes_loss_backward",
+         torch::CppFunction::makeFromBoxedFunction<&boxed_backward<&tes_loss_backward_cpu>>());
+}
+
+#ifdef WITH_CUDA
+TORCH_LIBRARY_IMPL(tesloss, CUDA, m) {
+  m.impl("tes_loss_forward",
+         torch::CppFunction::makeFromBoxedFunction<&boxed_forward<&tes_loss_forward_cuda>>());
+  m.impl("tes_loss_backward",
+         torch::CppFunction::makeFromBoxedFunction<&boxed_backward<&tes_loss_backward_cuda>>());
+}
+#endif
+
+}  // namespace tesloss
+
+namespace {
+
+// A tuple of n items, item(i) giving each as a new reference; nullptr, with the
+// Python error set, if any of them fails.
+template <typename Item>
+PyObject* tuple_of(int n, Item&& item) {
+  PyObject* tuple = PyTuple_New(n);
+  for (int i = 0; tuple != nullptr && i < n; ++i) {
+    PyObject* value = item(i);
+    if (value == nullptr) {
+      Py_CLEAR(tuple);
+    } else {
+      PyTuple_SET_ITEM(tuple, i, value);
+    }
+  }
+  return tuple;
+}
+
+template <size_t N>
+PyObject* names(const char* const (&items)[N]) {
+  return tuple_of(N, [&](int i) { return PyUnicode_FromString(items[i]); });
+}
+
+// ((name, schema type), ...) of the parameters, in schema order.
+PyObject* param_table() {
+#define TESLOSS_PARAM_ROW(type, name, schema_type, ...) {#name, schema_type},
+  constexpr std::pair<const char*, const char*> kRows[] = {
+      TESLOSS_FOR_EACH_PARAM(TESLOSS_PARAM_ROW)};
+#undef TESLOSS_PARAM_ROW
+  return tuple_of(tesloss::kNumParams, [&](int i) {
+    return Py_BuildValue("(ss)", kRows[i].first, kRows[i].second);
+  });
+}
+
+// {logits dtype: accumulation dtype} for every dtype the kernels take.
+PyObject* accumulation_dtypes() {
+  PyObject* dict = PyDict_New();
+  for (const at::ScalarType t : {at::kDouble, at::kFloat, at::kBFloat16, at::kHalf}) {
+    auto* key = reinterpret_cast<PyObject*>(torch::getTHPDtype(t));
+    auto* value = reinterpret_cast<PyObject*>(torch::getTHPDtype(tesloss::acc_scalar_type(t)));
+    if (dict != nullptr && PyDict_SetItem(dict, key, value) != 0) Py_CLEAR(dict);
+  }
+  return dict;
+}
+
+// Adds `value` (a new reference, or nullptr on failure) to the module as `name`.
+bool add(PyObject* module, const char* name, PyObject* value) {
+  if (value == nullptr) return false;
+  if (PyModule_AddObject(module, name, value) != 0) {
+    Py_DECREF(value);
+    return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+// Importing tesloss._C runs the registrations above. The module holds no
+// functions, only the op's constants (tesloss._ops reads them) and how the CPU
+// kernels were compiled.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  PyObject* module = PyModule_Create(&module_def);
+  if (module == nullptr) return nullptr;
+  const bool ok =
+      add(module, "row_stats", names(tesloss::kRowStatNames)) &&
+      add(module, "batch_stats", names(tesloss::kBatchStatNames)) &&
+      add(module, "reductions", names(tesloss::kReductionNames)) &&
+      add(module, "params", param_table()) &&
+      add(module, "accumulation_dtypes", accumulation_dtypes()) &&
+      PyModule_AddStringConstant(module, "cpu_capability",
+                                 TESLOSS_STR(TESLOSS_CPU_CAPABILITY_NAME)) == 0;
+  if (!ok) Py_CLEAR(module);
+  return module;
+}

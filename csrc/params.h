@@ -1,0 +1,92 @@
+// The op's constants and its scalar parameters, each defined once. The kernels
+// read them through tes_loss.h; ops.cpp builds the schemas, the argument checks
+// and autograd's saved copy from them, and exports them to Python
+// (tesloss._ops), which fills its fake kernels and names the logged parts
+// with them. Plain C++, for host and device code alike.
+#pragma once
+
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+
+namespace tesloss {
+
+// Columns of the [B, kNumRowStats] tensor the forward saves for the backward
+// and for the logged parts, and their names in Python.
+enum RowStat : int {
+  kRowLoss,
+  kRowLseVis,
+  kRowLseTxt,
+  kRowCeVis,  // CE(z, y), the hard-label vision loss
+  kRowKlRef,  // KL(p_ref || p_v)
+  kRowCeTxt,  // CE(s, y)
+  kNumRowStats,
+};
+inline constexpr const char* kRowStatNames[kNumRowStats] = {
+    "loss", "lse_vis", "lse_txt", "ce_vision", "kl_ref", "ce_text"};
+
+// Entries of the [kNumBatchStats] tensor: the count of rows that are not
+// ignored, and the means of the parts over those rows. The parts' names are
+// the fields of tesloss.Parts.
+enum BatchStat : int {
+  kBatchValid,
+  kBatchCeVis,
+  kBatchKlRef,
+  kBatchCeTxt,
+  kNumBatchStats,
+};
+inline constexpr const char* kBatchStatNames[kNumBatchStats] = {
+    "num_valid", "ce_vision", "kl_ref", "ce_text"};
+
+// The numbering of at::Reduction, so the codes are PyTorch's own.
+enum Reduction : int64_t { kReduceNone = 0, kReduceMean = 1, kReduceSum = 2 };
+inline constexpr const char* kReductionNames[kReduceSum + 1] = {"none", "mean", "sum"};
+
+// Accumulation type: fp64 for fp64 logits, fp32 for every other dtype. The
+// loss and the row and batch statistics come back in it.
+template <typename scalar_t>
+using acc_t_of = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+inline constexpr double kInf = std::numeric_limits<double>::infinity();
+
+// The scalar parameters of both ops, in schema order, each with the condition
+// its `value` must meet and the words that say so. The schemas, the Params
+// struct, the checks and autograd's saved copy are all built from this table,
+// so a new parameter is one line here plus its use in the math.
+//   X(C++ type, name, schema type, condition, what the condition asks for)
+#define TESLOSS_FOR_EACH_PARAM(X)                                                            \
+  X(double, tau, "float", value > 0 && value < kInf, "a finite number > 0")                 \
+  X(double, lambda_v, "float", value >= 0 && value <= 1, "a number in [0, 1]")              \
+  X(double, lambda_t, "float", value >= 0 && value < kInf, "a finite number >= 0")          \
+  X(int64_t, ignore_index, "int", true, "an int")                                           \
+  X(int64_t, reduction, "int", value >= kReduceNone && value <= kReduceSum,                 \
+    "0 (none), 1 (mean) or 2 (sum)")
+
+// The op's parameters as the schema passes them. Kernels take the row math's
+// share of them in their accumulation type (RowParams, below).
+struct Params {
+#define TESLOSS_PARAM_MEMBER(type, name, ...) type name;
+  TESLOSS_FOR_EACH_PARAM(TESLOSS_PARAM_MEMBER)
+#undef TESLOSS_PARAM_MEMBER
+};
+
+#define TESLOSS_COUNT_PARAM(...) +1
+inline constexpr int kNumParams = 0 TESLOSS_FOR_EACH_PARAM(TESLOSS_COUNT_PARAM);
+#undef TESLOSS_COUNT_PARAM
+
+// What the row math needs of the parameters, in the accumulation type.
+template <typename acc_t>
+struct RowParams {
+  acc_t inv_tau;
+  acc_t lambda_v;
+  acc_t lambda_t;
+  int64_t ignore_index;
+};
+
+template <typename acc_t>
+inline RowParams<acc_t> row_params(const Params& p) {
+  return RowParams<acc_t>{static_cast<acc_t>(1.0 / p.tau), static_cast<acc_t>(p.lambda_v),
+                          static_cast<acc_t>(p.lambda_t), p.ignore_index};
+}
+
+}  // namespace tesloss
