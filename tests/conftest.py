@@ -1,10 +1,12 @@
-"""Shared pieces of the test suite: the one tolerance table, the Hypothesis
-strategy that draws TeS problems, and the comparison against the reference.
+"""Shared pieces of the test suite: the devices every property runs on, the one
+tolerance table, the Hypothesis strategy that draws TeS problems, the
+comparison against the reference, and the raw ops' keyword helper.
 
 Every comparison is against ``tesloss.reference.tes_loss`` run in float64 on
 the same (exactly up-cast) inputs.
 """
 import dataclasses
+import inspect
 import math
 import os
 
@@ -14,6 +16,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
 import tesloss
+from tesloss import _ops
 from tesloss.reference import tes_loss as reference_tes_loss
 
 settings.register_profile(
@@ -22,7 +25,28 @@ settings.register_profile(
 )
 # CI draws the same examples every run, so a red CI is always reproducible.
 settings.register_profile("ci", parent=settings.get_profile("default"), derandomize=True)
-settings.load_profile("ci" if os.environ.get("CI") else "default")
+# For a lent GPU's short time (bench/gpu_check.sh): fewer draws, the same ones every run.
+settings.register_profile("gpu", parent=settings.get_profile("ci"), max_examples=50)
+settings.load_profile(os.environ.get("TESLOSS_HYPOTHESIS_PROFILE")
+                      or ("ci" if os.environ.get("CI") else "default"))
+
+# Every property runs on each of these (pytorch_scatter's `devices` list). Tests
+# of what only a GPU has live in test_cuda.py; `pytest -m cuda` selects both.
+DEVICES = ["cpu"] + ([pytest.param("cuda", marks=pytest.mark.cuda)]
+                     if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(scope="session", params=DEVICES)
+def device(request):
+    """The device a property runs on, with the op's compiled kernels for it: without
+    them fused_tes_loss would fall back to the reference and compare it with itself."""
+    if not _ops.has_kernel(request.param):
+        message = (f"tesloss._C has no {request.param} kernels "
+                   f"({_ops.LOAD_ERROR or 'built without them'})")
+        if _ops.extension_required():
+            pytest.fail(message)
+        pytest.skip(message)
+    return request.param
 
 # The one tolerance table. Full-precision dtypes are compared with the fp64
 # reference as |fused - ref| <= atol * scale + rtol * |ref|, where `scale` is the
@@ -134,12 +158,27 @@ def _layout(x, layout):
     return x
 
 
-def run(loss_fn, case, dtype=None, **extra):
-    """Loss and both gradients of `loss_fn` on the case, inputs cast to `dtype`."""
-    vis, txt = case.leaves(dtype)
-    loss = loss_fn(vis, txt, case.target, **case.kwargs, **extra)
-    loss.backward(case.grad_out.to(loss.dtype))
-    return loss.detach(), vis.grad, txt.grad
+def on_device(x, device, dtype=None):
+    """A copy of x on `device`, cast to `dtype`, with x's strides and storage
+    offset, so row-strided and misaligned rows stay that way."""
+    dtype = dtype or x.dtype
+    if x.numel() == 0:
+        return torch.empty(x.shape, dtype=dtype, device=device)
+    extent = x.storage_offset() + sum((n - 1) * s for n, s in zip(x.shape, x.stride())) + 1
+    flat = torch.zeros(extent, dtype=dtype, device=device)
+    out = flat.as_strided(x.shape, x.stride(), x.storage_offset())
+    out.copy_(x)
+    return out.detach()  # a leaf of its own, not an autograd view of `flat`
+
+
+def run(loss_fn, case, dtype=None, device="cpu", **extra):
+    """Loss and both gradients of `loss_fn` on the case, inputs cast to `dtype` and
+    moved to `device` in their layout; results on the CPU."""
+    vis, txt = (on_device(x, device, dtype).requires_grad_()
+                for x in (case.vis_logits, case.txt_logits))
+    loss = loss_fn(vis, txt, case.target.to(device), **case.kwargs, **extra)
+    loss.backward(case.grad_out.to(device, loss.dtype))
+    return loss.detach().cpu(), vis.grad.cpu(), txt.grad.cpu()
 
 
 def run_reference64(case):
@@ -218,7 +257,7 @@ def assert_matches_reference(case, dtype, fused, in_dtype=None, where=""):
     exact = [x.cpu() for x in run_reference64(case)]
     case_scales = [torch.as_tensor(x).cpu() for x in scales(case)]
     names = ("loss", "grad vis_logits", "grad txt_logits")
-    loss_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    loss_dtype = _ops.acc_dtype(dtype)
     assert fused[0].dtype == loss_dtype, f"{dtype} inputs give a {loss_dtype} loss{where}"
     assert fused[1].dtype == fused[2].dtype == dtype, f"gradients come back in {dtype}{where}"
     if dtype not in HALF_DTYPES:
@@ -295,6 +334,35 @@ def max_error(actual, expected):
     return diff.max().item() if diff.numel() else 0.0
 
 
-@pytest.fixture
-def fused():
-    return tesloss.fused_tes_loss
+def check_against_reference(case, dtype, device):
+    """The case through fused_tes_loss on `device`, held to the spec."""
+    fused = run(tesloss.fused_tes_loss, case, dtype, device)
+    in_dtype = run(reference_tes_loss, case, dtype, device) if dtype in HALF_DTYPES else None
+    assert_matches_reference(case, dtype, fused, in_dtype, where=f", {device}")
+
+
+# fused_tes_loss's parameters with their defaults (the published recipe).
+RECIPE = {name: p.default for name, p in inspect.signature(tesloss.fused_tes_loss).parameters.items()
+          if p.kind == p.KEYWORD_ONLY and name != "return_parts"}
+
+
+def raw_params(**kwargs):
+    """The raw ops' scalar arguments, by name, from fused_tes_loss's keywords:
+    the recipe's where not given, and a reduction name as the op's code (an int
+    reduction is passed as it is)."""
+    params = {**RECIPE, **kwargs}
+    if isinstance(params["reduction"], str):
+        params["reduction"] = _ops.REDUCTIONS[params["reduction"]]
+    return params
+
+
+def raw_forward(vis_logits, txt_logits, target, **kwargs):
+    """torch.ops.tesloss.tes_loss_forward with fused_tes_loss's keywords."""
+    return torch.ops.tesloss.tes_loss_forward(vis_logits, txt_logits, target,
+                                              **raw_params(**kwargs))
+
+
+def raw_backward(grad_loss, vis_logits, txt_logits, target, row_stats, batch_stats, **kwargs):
+    """torch.ops.tesloss.tes_loss_backward with fused_tes_loss's keywords."""
+    return torch.ops.tesloss.tes_loss_backward(grad_loss, vis_logits, txt_logits, target,
+                                               row_stats, batch_stats, **raw_params(**kwargs))

@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+from conftest import raw_backward, raw_forward
 
 import tesloss
 
@@ -81,7 +82,7 @@ def test_shape_mismatch():
         call(txt=torch.randn(4, 11))
 
 
-@pytest.mark.parametrize("name, value, error, words", [
+BAD_PARAMETERS = [
     ("tau", 0.0, ValueError, "tau must be a finite number > 0, got 0.0"),
     ("tau", -0.5, ValueError, "got -0.5"),
     ("tau", math.nan, ValueError, "got nan"),
@@ -98,17 +99,40 @@ def test_shape_mismatch():
     ("ignore_index", 1.5, TypeError, "ignore_index must be an int, got 1.5"),
     ("reduction", "avg", ValueError, "reduction must be one of ['none', 'mean', 'sum'], "
                                      "got 'avg'"),
-])
+]
+
+
+@pytest.mark.parametrize("name, value, error, words", BAD_PARAMETERS)
 def test_bad_parameters(name, value, error, words):
     with pytest.raises(error) as info:
         call(**{name: value})
     assert "fused_tes_loss: " in str(info.value) and words in str(info.value)
 
 
-def test_the_callers_tensors_are_never_written():
-    vis, txt, target = good(4, 40)
-    vis.requires_grad_()
-    txt.requires_grad_()
+# The values among BAD_PARAMETERS that the raw ops can be given (Python numbers of
+# the schema's types): the compiled op's own table must refuse each of them too.
+RAW_BAD_VALUES = [(name, value) for name, value, error, _ in BAD_PARAMETERS
+                  if error is ValueError and name != "reduction"] + [("reduction", 3),
+                                                                     ("reduction", -1)]
+
+
+@pytest.mark.parametrize("name, value", RAW_BAD_VALUES)
+def test_the_raw_ops_refuse_the_parameters_fused_tes_loss_refuses(name, value):
+    vis, txt, target = good()
+    with pytest.raises(RuntimeError, match=rf"tes_loss_forward: {name} must be .*, got "):
+        raw_forward(vis, txt, target, **{name: value})
+    loss, row_stats, batch_stats = raw_forward(vis, txt, target)
+    with pytest.raises(RuntimeError, match=rf"tes_loss_backward: {name} must be .*, got "):
+        raw_backward(torch.ones_like(loss), vis, txt, target, row_stats, batch_stats,
+                     **{name: value})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_callers_tensors_are_never_written(device, dtype):
+    vis, txt, target = good(30, 1001)
+    vis, txt = (x.to(device, dtype).requires_grad_() for x in (vis, txt))
+    target = torch.randint(0, 1001, (30,)).to(device)
+    target[::4] = -100
     before = [x.detach().clone() for x in (vis, txt, target)]
     for reduction in ("mean", "sum", "none"):
         tesloss.fused_tes_loss(vis, txt, target, reduction=reduction).sum().backward()
@@ -127,13 +151,9 @@ def test_mixed_dtypes_are_promoted_not_misread():
     assert vis32.grad.dtype == torch.float32 and txt16.grad.dtype == torch.bfloat16
 
 
-def test_the_raw_op_checks_its_arguments_too():
+def test_the_raw_op_checks_its_tensors_too():
     vis, txt, target = good()
     with pytest.raises(RuntimeError, match="txt_logits must have the dtype of vis_logits"):
-        torch.ops.tesloss.tes_loss_forward(vis, txt.double(), target, 0.03, 0.1, 0.3, -100, 1)
+        raw_forward(vis, txt.double(), target)
     with pytest.raises(RuntimeError, match="target must be int64"):
-        torch.ops.tesloss.tes_loss_forward(vis, txt, target.int(), 0.03, 0.1, 0.3, -100, 1)
-    with pytest.raises(RuntimeError, match="tau must be finite and > 0"):
-        torch.ops.tesloss.tes_loss_forward(vis, txt, target, 0.0, 0.1, 0.3, -100, 1)
-    with pytest.raises(RuntimeError, match="reduction must be"):
-        torch.ops.tesloss.tes_loss_forward(vis, txt, target, 0.03, 0.1, 0.3, -100, 3)
+        raw_forward(vis, txt, target.int())
