@@ -1,0 +1,118 @@
+#!/usr/bin/env python
+"""Fits the degree-5 polynomial that exp2_avx512 (csrc/cpu/vec_exp.h) uses for 2^f on [-1/2, 1/2].
+
+    python csrc/cpu/fit_exp2.py           # print the coefficients and their errors
+    python csrc/cpu/fit_exp2.py --check   # exit 1 unless vec_exp.h holds exactly these
+
+Two steps, both deterministic:
+1. Remez exchange for the minimax *relative* error of p(f) against 2^f (in float64), since
+   the kernel scales p(f) by 2^n exactly, so p's relative error is the exp's.
+2. The coefficients rounded to float32, then moved one float32 step at a time (up to four
+   steps, one coefficient at a time, until no move helps) while that lowers the max relative
+   error of p evaluated as the kernel evaluates it: Horner's rule in float32, one rounding per
+   fused multiply-add. Rounding the float64 minimax coefficients alone loses more than the
+   search wins back.
+
+The errors are measured on GRID_POINTS evenly spaced float32 values of f.
+"""
+import argparse
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+
+DEGREE = 5
+GRID_POINTS = 400_001
+MAX_STEPS = 4
+HEADER = Path(__file__).resolve().parent / "vec_exp.h"
+
+
+def grid():
+    return np.linspace(-0.5, 0.5, GRID_POINTS).astype(np.float32)
+
+
+def remez(f64, iterations=40):
+    """Minimax coefficients (lowest degree first) of the relative error of p(f) against 2^f."""
+    nodes = DEGREE + 2
+    points = 0.5 * np.cos(np.pi * np.arange(nodes) / (nodes - 1))[::-1]
+    for _ in range(iterations):
+        exact = np.exp2(points)
+        system = np.column_stack([points ** k for k in range(DEGREE + 1)]
+                                 + [(-1.0) ** np.arange(nodes) * exact])
+        coefficients = np.linalg.solve(system, exact)[:-1]
+        error = np.polyval(coefficients[::-1], f64) / np.exp2(f64) - 1
+        # The new reference points: the largest |error| between sign changes.
+        bounds = [0, *(np.nonzero(np.diff(np.sign(error)))[0] + 1), len(f64)]
+        extrema = [a + np.argmax(np.abs(error[a:b])) for a, b in zip(bounds[:-1], bounds[1:])]
+        if len(extrema) != nodes:
+            break
+        points = f64[extrema]
+    return coefficients
+
+
+def horner_fp32(coefficients, f):
+    """p(f) as the kernel computes it: float32 Horner, one rounding per fused multiply-add
+    (a product of two float32 values is exact in float64)."""
+    p = np.full_like(f, coefficients[-1])
+    for c in coefficients[-2::-1]:
+        p = (p.astype(np.float64) * f.astype(np.float64) + np.float64(c)).astype(np.float32)
+    return p
+
+
+def max_rel_error(coefficients, f):
+    return float(np.abs(horner_fp32(coefficients, f).astype(np.float64)
+                        / np.exp2(f.astype(np.float64)) - 1).max())
+
+
+def fit():
+    f = grid()
+    coefficients = remez(f.astype(np.float64)).astype(np.float32)
+    best = max_rel_error(coefficients, f)
+    improved = True
+    while improved:
+        improved = False
+        for k in range(DEGREE + 1):
+            for steps in [s for n in range(1, MAX_STEPS + 1) for s in (-n, n)]:
+                trial = coefficients.copy()
+                direction = np.float32(np.inf if steps > 0 else -np.inf)
+                for _ in range(abs(steps)):
+                    trial[k] = np.nextafter(trial[k], direction)
+                error = max_rel_error(trial, f)
+                if error < best:
+                    best, coefficients, improved = error, trial, True
+    return coefficients, best
+
+
+def header_coefficients():
+    """The coefficients in vec_exp.h, lowest degree first (it lists them highest first)."""
+    body = HEADER.read_text().split("inline __m512 exp2_avx512", 1)[1].split("\n}", 1)[0]
+    values = [float(v) for v in re.findall(r"_mm512_set1_ps\(([-0-9.e]+)f\)", body)]
+    return np.array(values[::-1], dtype=np.float32)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--check", action="store_true",
+                        help=f"exit 1 unless {HEADER.name} holds exactly the fitted coefficients")
+    args = parser.parse_args(argv)
+    coefficients, error = fit()
+    f = grid()
+    exact64 = np.polyval(coefficients.astype(np.float64)[::-1], f.astype(np.float64))
+    error64 = float(np.abs(exact64 / np.exp2(f.astype(np.float64)) - 1).max())
+    print(f"max relative error of p(f) against 2^f on [-1/2, 1/2]: {error:.3e} in float32 "
+          f"Horner, {error64:.3e} with the polynomial evaluated exactly")
+    print("highest degree first, as exp2_avx512 applies them:")
+    for c in coefficients[::-1]:
+        print(f"  {float(c)!r}f")
+    if args.check:
+        in_header = header_coefficients()
+        if not np.array_equal(in_header, coefficients):
+            print(f"{HEADER.name} holds {[float(c) for c in in_header[::-1]]}: not the fit")
+            return 1
+        print(f"{HEADER.name} holds these coefficients")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
