@@ -5,7 +5,8 @@
 #   env        GPU, driver, torch, nvcc, compute-sanitizer
 #   wheels     .whl/*.whl (e.g. liger-kernel), if carried, into /tmp/site
 #   build      pip install --no-build-isolation --no-deps -e .  (TORCH_CUDA_ARCH_LIST=9.0)
-#   cuda_tests pytest tests/test_cuda.py
+#   cuda_tests pytest -m cuda: every property on the GPU, and the GPU-only tests
+#              (tests/test_cuda.py), with Hypothesis's short "gpu" profile
 #   bench      bench/bench_loss.py --device cuda --modes full on the cells the GPU is
 #              judged on (256x1000, 4096x16384, 8192x32768; fp32 and bf16), first, since
 #              torch.compile compiles each shape and dtype afresh on a new machine
@@ -95,8 +96,9 @@ assert info[\"cuda_compiled\"], \"tesloss was built without its CUDA kernels\""'
 
 timeout_plugin=()
 "$PY" -c "import pytest_timeout" 2>/dev/null && timeout_plugin=(--timeout 150)
-step cuda_tests 150 env TESLOSS_REQUIRE_EXTENSION=1 "$PY" -m pytest -q -rfEs -p no:cacheprovider \
-  "${timeout_plugin[@]}" --junitxml "$RESULTS/test_cuda.xml" tests/test_cuda.py
+step cuda_tests 150 env TESLOSS_REQUIRE_EXTENSION=1 TESLOSS_HYPOTHESIS_PROFILE=gpu \
+  "$PY" -m pytest -q -rfEs -p no:cacheprovider "${timeout_plugin[@]}" \
+  --junitxml "$RESULTS/test_cuda.xml" -m cuda tests
 cp "$LOGS/cuda_tests.log" "$RESULTS/test_cuda.log" 2>/dev/null || true
 
 # Full mode (forward + backward), which the GPU results are judged on. The bench
@@ -161,7 +163,7 @@ if [[ -z "${BENCH_ARGS:-}" ]]; then
 fi
 
 step cpu_tests 400 env TESLOSS_REQUIRE_EXTENSION=1 CI=1 "$PY" -m pytest -q -rfE \
-  -p no:cacheprovider "${timeout_plugin[@]}" tests --ignore=tests/test_cuda.py
+  -p no:cacheprovider "${timeout_plugin[@]}" -m "not cuda" tests
 
 {
   echo "tesloss GPU check, $(date -u +%Y-%m-%dT%H:%M:%SZ), ${SECONDS}s of ${BUDGET}s"

@@ -41,3 +41,23 @@ def test_quick_run_writes_checked_rows(tmp_path):
     lines = out.read_text().splitlines()
     assert lines.count(",".join(CSV_COLUMNS)) == 1
     assert len(lines) == 1 + len(rows) + 1
+
+
+def _row(provider, mode, median, p20=None, p80=None):
+    return dict(provider=provider, mode=mode, median_ms=median, p20_ms=p20 or median,
+                p80_ms=p80 or median)
+
+
+def test_figures_that_contradict_themselves_are_flagged():
+    sys.path.insert(0, str(BENCH.parent))
+    try:
+        import harness
+    finally:
+        sys.path.remove(str(BENCH.parent))
+    consistent = [_row("a", "forward", 1.0), _row("a", "backward", 2.0), _row("a", "full", 3.1)]
+    assert harness.contradictions(consistent) == []
+    parts_too_slow = [_row("a", "forward", 1.0), _row("a", "backward", 2.0),
+                      _row("a", "full", 1.5)]
+    assert [line.split(":")[0] for line in harness.contradictions(parts_too_slow)] == ["a"]
+    spread = [_row("b", "full", 1.0, p20=0.5, p80=2.0)]
+    assert "p80/p20 = 4.0" in harness.contradictions(spread)[0]

@@ -47,9 +47,9 @@ def tes_loss_of(model, inputs, target):
 
 def step_on_rank(rank, out_dir):
     torch.set_num_threads(1)  # two ranks share a small machine
-    # A file store, not a TCP one: with TCP, rank 0 hosts the store and could
-    # exit while rank 1 was still tearing down, which aborted rank 1 in about
-    # one run in twenty ("terminate called without an active exception").
+    # A file store, not a TCP one: with TCP, rank 0 hosts the store and can
+    # exit while rank 1 is still tearing down, which aborts rank 1
+    # ("terminate called without an active exception").
     dist.init_process_group("gloo", init_method=f"file://{os.path.join(out_dir, 'store')}",
                             rank=rank, world_size=WORLD, timeout=timedelta(seconds=TIMEOUT_S))
     try:
