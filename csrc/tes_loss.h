@@ -196,9 +196,15 @@ struct GradRow {
 // `stats` is the row's kNumRowStats statistics, `g` its upstream gradient.
 template <typename acc_t>
 TESLOSS_HD GradRow<acc_t> grad_row(const RowParams<acc_t>& p, const acc_t* stats, acc_t g) {
-  return GradRow<acc_t>{p.inv_tau,          stats[kRowLseVis], stats[kRowLseTxt],
-                        g,                  g * p.lambda_t * p.inv_tau,
-                        p.lambda_v,         acc_t(1) - p.lambda_v};
+  GradRow<acc_t> r;
+  r.inv_tau = p.inv_tau;
+  r.lse_vis = stats[kRowLseVis];
+  r.lse_txt = stats[kRowLseTxt];
+  r.g = g;
+  r.g_txt = g * p.lambda_t * p.inv_tau;
+  r.lambda_v = p.lambda_v;
+  r.one_minus_lambda_v = acc_t(1) - p.lambda_v;
+  return r;
 }
 
 // Both gradients of one column, in acc_t until the one rounding to scalar_t,

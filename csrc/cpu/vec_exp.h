@@ -26,8 +26,8 @@ inline float tes_exp(float x) { return ::expf(x); }
 // f = t - n: vreduceps gives f exactly, and gives 0 for t = +-inf, so 2^-inf
 // = 0 and 2^inf = inf need no clamp; a degree-5 polynomial gives 2^f on
 // [-1/2, 1/2]; vscalefps gives 2^n, inf on overflow and 0 on underflow. A nan
-// stays nan. csrc/cpu/fit_exp2.py fits the coefficients (a relative error of
-// 1.8e-7 as evaluated here, in float32) and checks that this header holds them.
+// stays nan. csrc/cpu/fit_exp2.py fits the coefficients, prints their error
+// (1.8e-7 relative, evaluated in float32 as here) and checks this header.
 inline __m512 exp2_avx512(__m512 t) {
   constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
   const __m512 n = _mm512_roundscale_ps(t, kNearest);
