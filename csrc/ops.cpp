@@ -5,8 +5,9 @@
 // Kernels are bound as boxed functions: the dispatcher hands over the schema's
 // arguments as a stack, from which read_params builds one Params (checking
 // each value against params.h's table) and prepare_* the named tensors the
-// kernels take. So no signature lists the parameters one by one, and a new
-// parameter needs no change here.
+// kernels take. Autograd passes the parameters on as the IValues it was given.
+// So no signature lists the parameters one by one, and a new parameter needs
+// no change here.
 #include <Python.h>
 
 #include <ATen/ATen.h>
@@ -15,8 +16,6 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
-#include <array>
-#include <cmath>
 #include <utility>
 
 #include "kernels.h"
@@ -56,12 +55,6 @@ Params read_params(c10::ArrayRef<c10::IValue> args, const char* op) {
   TESLOSS_FOR_EACH_PARAM(TESLOSS_READ_PARAM)
 #undef TESLOSS_READ_PARAM
   return p;
-}
-
-void push_params(Stack& stack, const Params& p) {
-#define TESLOSS_PUSH_PARAM(type, name, ...) stack.emplace_back(p.name);
-  TESLOSS_FOR_EACH_PARAM(TESLOSS_PUSH_PARAM)
-#undef TESLOSS_PUSH_PARAM
 }
 
 // The tensor checks both devices share, so both refuse the same arguments with
@@ -143,9 +136,10 @@ BackwardTensors prepare_backward(c10::ArrayRef<c10::IValue> tensors, const Param
   const at::Tensor& grad_loss = tensors[0].toTensor();
   const at::Tensor& vis_logits = tensors[1].toTensor();
   const at::Tensor& txt_logits = tensors[2].toTensor();
+  const at::Tensor& target = tensors[3].toTensor();
   const at::Tensor& row_stats = tensors[4].toTensor();
   const at::Tensor& batch_stats = tensors[5].toTensor();
-  check_forward_tensors(vis_logits, txt_logits, tensors[3].toTensor());
+  check_forward_tensors(vis_logits, txt_logits, target);
   check_backward_tensors(grad_loss, vis_logits, row_stats, batch_stats, p.reduction);
   const auto acc = acc_scalar_type(vis_logits.scalar_type());
   // Checked first: even a .to() that returns its input costs a dispatch.
@@ -156,7 +150,7 @@ BackwardTensors prepare_backward(c10::ArrayRef<c10::IValue> tensors, const Param
   return BackwardTensors{as_acc(grad_loss),
                          with_unit_class_stride(vis_logits),
                          with_unit_class_stride(txt_logits),
-                         tensors[3].toTensor(),
+                         target,
                          as_acc(row_stats).contiguous(),
                          as_acc(batch_stats).contiguous(),
                          at::empty(vis_logits.sizes(), vis_logits.options()),
@@ -189,9 +183,11 @@ void boxed_backward(const c10::OperatorHandle&, Stack* stack) {
   torch::jit::push(*stack, t.grad_vis, t.grad_txt);
 }
 
-// Calls an op with these tensors and parameters; returns its outputs.
-Stack call_op(const c10::OperatorHandle& op, Stack stack, const Params& p) {
-  push_params(stack, p);
+// Calls an op with these tensors and the schema's parameter values (the device
+// binding checks them); returns its outputs.
+Stack call_op(const c10::OperatorHandle& op, Stack stack, const c10::IValue& params) {
+  const auto& values = params.toTupleRef().elements();
+  stack.insert(stack.end(), values.begin(), values.end());
   op.callBoxed(stack);
   return stack;
 }
@@ -217,15 +213,14 @@ class TesLossFunction : public torch::autograd::Function<TesLossFunction> {
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx,
                                                 const at::Tensor& vis_logits,
                                                 const at::Tensor& txt_logits,
-                                                const at::Tensor& target, const Params& p) {
+                                                const at::Tensor& target,
+                                                const c10::IValue& params) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    const Stack out = call_op(forward_op(), {vis_logits, txt_logits, target}, p);
+    const Stack out = call_op(forward_op(), {vis_logits, txt_logits, target}, params);
     const at::Tensor& row_stats = out[1].toTensor();
     const at::Tensor& batch_stats = out[2].toTensor();
     ctx->save_for_backward({vis_logits, txt_logits, target, row_stats, batch_stats});
-    Stack params;
-    push_params(params, p);
-    ctx->saved_data["params"] = c10::ivalue::Tuple::create(std::move(params));
+    ctx->saved_data["params"] = params;
     ctx->mark_non_differentiable({row_stats, batch_stats});
     // The statistics get no gradient; without this, autograd would allocate
     // (and on a GPU, fill) zero gradients for them before every backward.
@@ -237,10 +232,9 @@ class TesLossFunction : public torch::autograd::Function<TesLossFunction> {
                                                  torch::autograd::variable_list grads) {
     if (!grads[0].defined()) return {{}, {}, {}, {}};  // no gradient reached the loss
     const auto saved = ctx->get_saved_variables();
-    const Params p = read_params(ctx->saved_data["params"].toTupleRef().elements().asArrayRef(),
-                                 "tes_loss_backward");
     const Stack out = call_op(backward_op(),
-                              {grads[0], saved[0], saved[1], saved[2], saved[3], saved[4]}, p);
+                              {grads[0], saved[0], saved[1], saved[2], saved[3], saved[4]},
+                              ctx->saved_data["params"]);
     return {out[0].toTensor(), out[1].toTensor(), {}, {}};
   }
 };
@@ -248,8 +242,9 @@ class TesLossFunction : public torch::autograd::Function<TesLossFunction> {
 void autograd_forward(const c10::OperatorHandle&, Stack* stack) {
   constexpr size_t kArgs = kForwardTensorArgs + kNumParams;
   const auto args = torch::jit::last(*stack, kArgs);
-  const Params p = read_params(args.slice(kForwardTensorArgs), "tes_loss_forward");
-  auto out = TesLossFunction::apply(args[0].toTensor(), args[1].toTensor(), args[2].toTensor(), p);
+  const auto params = args.slice(kForwardTensorArgs);
+  auto out = TesLossFunction::apply(args[0].toTensor(), args[1].toTensor(), args[2].toTensor(),
+                                    c10::IValue(c10::ivalue::Tuple::create(params.vec())));
   torch::jit::drop(*stack, kArgs);
   torch::jit::push(*stack, std::move(out[0]), std::move(out[1]), std::move(out[2]));
 }
