@@ -91,16 +91,11 @@ class Case:
     def shape(self):
         return tuple(self.vis_logits.shape)
 
-    def leaves(self, dtype=None):
-        """Fresh leaf copies (same layout) that require grad, optionally cast."""
-        return [_copy_keep_layout(x, dtype or x.dtype).requires_grad_()
+    def leaves(self, dtype=None, device="cpu"):
+        """Fresh leaf copies of both logits that require grad, on `device` in their
+        layout (on_device), optionally cast."""
+        return [on_device(x, device, dtype).requires_grad_()
                 for x in (self.vis_logits, self.txt_logits)]
-
-
-def _copy_keep_layout(x, dtype):
-    # clone() would make a row-strided tensor contiguous; keep its strides, so
-    # strided cases reach the kernels strided.
-    return torch.empty_strided(x.shape, x.stride(), dtype=dtype, device=x.device).copy_(x)
 
 
 @st.composite
@@ -174,8 +169,7 @@ def on_device(x, device, dtype=None):
 def run(loss_fn, case, dtype=None, device="cpu", **extra):
     """Loss and both gradients of `loss_fn` on the case, inputs cast to `dtype` and
     moved to `device` in their layout; results on the CPU."""
-    vis, txt = (on_device(x, device, dtype).requires_grad_()
-                for x in (case.vis_logits, case.txt_logits))
+    vis, txt = case.leaves(dtype, device)
     loss = loss_fn(vis, txt, case.target.to(device), **case.kwargs, **extra)
     loss.backward(case.grad_out.to(device, loss.dtype))
     return loss.detach().cpu(), vis.grad.cpu(), txt.grad.cpu()

@@ -80,9 +80,8 @@ def test_upstream_gradients_that_are_not_one(device, reduction):
 def test_parts_are_the_batch_means_of_the_reference_parts(device, dtype, data):
     case = draw_case(data, dtype, max_b=16, max_c=512)
     with torch.no_grad():
-        _, parts = tesloss.fused_tes_loss(*(x.to(device) for x in case.leaves()),
-                                          case.target.to(device), **case.kwargs,
-                                          return_parts=True)
+        _, parts = tesloss.fused_tes_loss(*case.leaves(device=device), case.target.to(device),
+                                          **case.kwargs, return_parts=True)
         _, ref = reference_tes_loss(*case.leaves(torch.float64), case.target, **case.kwargs,
                                     return_parts=True)
     as_mean = dataclasses.replace(case, kwargs={**case.kwargs, "reduction": "mean"},
