@@ -58,6 +58,9 @@ RowInputs<scalar_t, acc_t> row_inputs(const Tensors& t, const Params& params) {
                                     row_params<acc_t>(params)};
 }
 
+// The accumulation dtype of logits of dtype t (params.h's acc_t_of).
+at::ScalarType acc_scalar_type(at::ScalarType t);
+
 using ForwardKernel = void (*)(const ForwardTensors&, const Params&);
 using BackwardKernel = void (*)(const BackwardTensors&, const Params&);
 

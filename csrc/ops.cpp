@@ -1,6 +1,6 @@
 // The fused TeS loss as torch sees it: the op schemas, the argument checks,
-// autograd, the binding of each device's kernels, and the Python module that
-// carries the op's constants.
+// autograd (to any order), and the binding of each device's kernels.
+// module.cpp is the Python module that carries the op's constants.
 //
 // Kernels are bound as boxed functions: the dispatcher hands over the schema's
 // arguments as a stack, from which read_params builds one Params (checking
@@ -8,11 +8,8 @@
 // kernels take. Autograd passes the parameters on as the IValues it was given.
 // So no signature lists the parameters one by one, and a new parameter needs
 // no change here.
-#include <Python.h>
-
 #include <ATen/ATen.h>
 #include <ATen/core/stack.h>
-#include <torch/csrc/DynamicTypes.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -21,13 +18,14 @@
 #include "kernels.h"
 #include "params.h"
 
-#ifndef TESLOSS_CPU_CAPABILITY_NAME
-#define TESLOSS_CPU_CAPABILITY_NAME default
-#endif
-#define TESLOSS_STR_(x) #x
-#define TESLOSS_STR(x) TESLOSS_STR_(x)
-
 namespace tesloss {
+
+at::ScalarType acc_scalar_type(at::ScalarType t) {
+  return AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t, "acc_scalar_type", [] {
+    return c10::CppTypeToScalarType<acc_t_of<scalar_t>>::value;
+  });
+}
+
 namespace {
 
 using torch::jit::Stack;
@@ -113,15 +111,20 @@ at::Tensor with_unit_class_stride(const at::Tensor& logits) {
   return (logits.size(1) <= 1 || logits.stride(1) == 1) ? logits : logits.contiguous();
 }
 
-at::ScalarType acc_scalar_type(at::ScalarType t) {
-  return AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t, "acc_scalar_type", [] {
-    return c10::CppTypeToScalarType<acc_t_of<scalar_t>>::value;
-  });
+
+// The one parameter check that depends on the dtype: the kernels scale by
+// 1 / tau (times log2 e) in the accumulation type.
+void check_tau(const char* op, double tau, at::ScalarType dtype) {
+  const at::ScalarType acc = acc_scalar_type(dtype);
+  const double min_tau = acc == at::kDouble ? kMinTau<double> : kMinTau<float>;
+  TORCH_CHECK(tau >= min_tau, op, ": tau must be at least ", min_tau, " for ", dtype,
+              " logits (1 / tau must be finite in ", acc, "), got ", tau);
 }
 
 ForwardTensors prepare_forward(const at::Tensor& vis_logits, const at::Tensor& txt_logits,
                                const at::Tensor& target, const Params& p) {
   check_forward_tensors(vis_logits, txt_logits, target);
+  check_tau("fused_tes_loss", p.tau, vis_logits.scalar_type());
   const int64_t B = vis_logits.size(0);
   const auto acc = vis_logits.options().dtype(acc_scalar_type(vis_logits.scalar_type()));
   return ForwardTensors{with_unit_class_stride(vis_logits),
@@ -141,6 +144,7 @@ BackwardTensors prepare_backward(c10::ArrayRef<c10::IValue> tensors, const Param
   const at::Tensor& batch_stats = tensors[5].toTensor();
   check_forward_tensors(vis_logits, txt_logits, target);
   check_backward_tensors(grad_loss, vis_logits, row_stats, batch_stats, p.reduction);
+  check_tau("tes_loss_backward", p.tau, vis_logits.scalar_type());
   const auto acc = acc_scalar_type(vis_logits.scalar_type());
   // Checked first: even a .to() that returns its input costs a dispatch.
   // grad_loss keeps its strides (a [B] gradient may be an expanded scalar).
@@ -204,10 +208,80 @@ const c10::OperatorHandle& backward_op() {
   return op;
 }
 
+// The gradient of the backward op's outputs, for double backward (gradient
+// penalties): with g_i a row's upstream gradient, u and w what reaches
+// grad_vis and grad_txt, p_v = softmax(z) and p_ref = softmax(t / tau),
+//   d/dz       = g_i * p_v * (u - <p_v, u>)
+//   d/dt       = g_i * lambda_t / tau^2 * p_ref * (w - <p_ref, w>)
+//   d/dg_i     = <u, p_v - q> + lambda_t / tau * <w, p_ref - onehot>
+// and d/dgrad_loss from d/dg_i through the reduction. The soft target q is a
+// constant here as in the forward (the recipe builds it under no_grad), so
+// grad_vis has no derivative in t. Written in ATen ops, so it is
+// differentiable in turn; ignored rows get exact zeros.
+torch::autograd::variable_list double_backward(const at::Tensor& u_in, const at::Tensor& w_in,
+                                               const at::Tensor& grad_loss,
+                                               const at::Tensor& vis_logits,
+                                               const at::Tensor& txt_logits,
+                                               const at::Tensor& target,
+                                               const at::Tensor& batch_stats, const Params& p) {
+  const auto acc = acc_scalar_type(vis_logits.scalar_type());
+  const at::Tensor z = vis_logits.to(acc);
+  const at::Tensor valid = target != p.ignore_index;
+  const at::Tensor rows = valid.unsqueeze(1);
+  const at::Tensor label = at::where(valid, target, 0).unsqueeze(1);
+  const at::Tensor onehot = at::zeros_like(z).scatter_(1, label, 1.0);
+  const at::Tensor p_v = at::where(rows, z, 0).softmax(1);
+  const at::Tensor p_ref = at::where(rows, txt_logits.to(acc) / p.tau, 0).softmax(1);
+  const at::Tensor u = u_in.defined() ? u_in.to(acc) : at::zeros_like(z);
+  const at::Tensor w = w_in.defined() ? w_in.to(acc) : at::zeros_like(z);
+
+  const at::Tensor g_out = grad_loss.to(acc);
+  at::Tensor g = p.reduction == kReduceNone ? g_out : g_out.expand({z.size(0)});
+  if (p.reduction == kReduceMean) g = g / batch_stats.select(0, kBatchValid);
+  g = at::where(valid, g, 0).unsqueeze(1);
+
+  const double txt_scale = p.lambda_t / p.tau;
+  const at::Tensor q = p.lambda_v * p_ref + (1 - p.lambda_v) * onehot;
+  const at::Tensor grad_z = g * p_v * (u - (p_v * u).sum(1, true));
+  const at::Tensor grad_t = g * (txt_scale / p.tau) * p_ref * (w - (p_ref * w).sum(1, true));
+  const at::Tensor per_row = at::where(
+      valid, (u * (p_v - q)).sum(1) + txt_scale * (w * (p_ref - onehot)).sum(1), 0);
+  at::Tensor grad_g = per_row;
+  if (p.reduction == kReduceSum) grad_g = per_row.sum();
+  if (p.reduction == kReduceMean) grad_g = per_row.sum() / batch_stats.select(0, kBatchValid);
+  return {grad_g.to(grad_loss.scalar_type()).reshape(grad_loss.sizes()),
+          grad_z.to(vis_logits.scalar_type()), grad_t.to(txt_logits.scalar_type())};
+}
+
+// Autograd for the backward op, so that create_graph=True gives second
+// derivatives instead of torch's warning and a dropped term.
+class TesLossBackwardFunction : public torch::autograd::Function<TesLossBackwardFunction> {
+ public:
+  static torch::autograd::variable_list forward(
+      torch::autograd::AutogradContext* ctx, const at::Tensor& grad_loss,
+      const at::Tensor& vis_logits, const at::Tensor& txt_logits, const at::Tensor& target,
+      const at::Tensor& row_stats, const at::Tensor& batch_stats, const c10::IValue& params) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const Stack out = call_op(
+        backward_op(), {grad_loss, vis_logits, txt_logits, target, row_stats, batch_stats}, params);
+    ctx->save_for_backward({grad_loss, vis_logits, txt_logits, target, row_stats, batch_stats});
+    ctx->saved_data["params"] = params;
+    return {out[0].toTensor(), out[1].toTensor()};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto s = ctx->get_saved_variables();
+    const auto& values = ctx->saved_data["params"].toTupleRef().elements();
+    const Params p = read_params(values, "tes_loss_backward");
+    auto d = double_backward(grads[0], grads[1], s[0], s[1], s[2], s[3], s[5], p);
+    return {d[0], d[1], d[2], {}, {}, {}, {}};
+  }
+};
+
 // Autograd for the forward op, for every device, bound in C++ rather than with
 // torch.library.register_autograd, whose Python wrapper costs more than the
-// whole CPU kernel at small shapes (docs/DESIGN.md). The backward op has no
-// autograd of its own.
+// whole CPU kernel at small shapes (docs/DESIGN.md).
 class TesLossFunction : public torch::autograd::Function<TesLossFunction> {
  public:
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx,
@@ -232,10 +306,16 @@ class TesLossFunction : public torch::autograd::Function<TesLossFunction> {
                                                  torch::autograd::variable_list grads) {
     if (!grads[0].defined()) return {{}, {}, {}, {}};  // no gradient reached the loss
     const auto saved = ctx->get_saved_variables();
-    const Stack out = call_op(backward_op(),
-                              {grads[0], saved[0], saved[1], saved[2], saved[3], saved[4]},
-                              ctx->saved_data["params"]);
-    return {out[0].toTensor(), out[1].toTensor(), {}, {}};
+    const c10::IValue& params = ctx->saved_data["params"];
+    if (!at::GradMode::is_enabled()) {  // a plain backward: no graph to record
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      const Stack out = call_op(
+          backward_op(), {grads[0], saved[0], saved[1], saved[2], saved[3], saved[4]}, params);
+      return {out[0].toTensor(), out[1].toTensor(), {}, {}};
+    }
+    auto out = TesLossBackwardFunction::apply(grads[0], saved[0], saved[1], saved[2], saved[3],
+                                              saved[4], params);
+    return {out[0], out[1], {}, {}};
   }
 };
 
@@ -247,6 +327,18 @@ void autograd_forward(const c10::OperatorHandle&, Stack* stack) {
                                     c10::IValue(c10::ivalue::Tuple::create(params.vec())));
   torch::jit::drop(*stack, kArgs);
   torch::jit::push(*stack, std::move(out[0]), std::move(out[1]), std::move(out[2]));
+}
+
+void autograd_backward(const c10::OperatorHandle&, Stack* stack) {
+  constexpr size_t kArgs = kBackwardTensorArgs + kNumParams;
+  const auto args = torch::jit::last(*stack, kArgs);
+  const auto params = args.slice(kBackwardTensorArgs);
+  auto out = TesLossBackwardFunction::apply(
+      args[0].toTensor(), args[1].toTensor(), args[2].toTensor(), args[3].toTensor(),
+      args[4].toTensor(), args[5].toTensor(),
+      c10::IValue(c10::ivalue::Tuple::create(params.vec())));
+  torch::jit::drop(*stack, kArgs);
+  torch::jit::push(*stack, std::move(out[0]), std::move(out[1]));
 }
 
 }  // namespace
@@ -263,6 +355,7 @@ TORCH_LIBRARY(tesloss, m) {
 
 TORCH_LIBRARY_IMPL(tesloss, Autograd, m) {
   m.impl("tes_loss_forward", torch::CppFunction::makeFromBoxedFunction<&autograd_forward>());
+  m.impl("tes_loss_backward", torch::CppFunction::makeFromBoxedFunction<&autograd_backward>());
 }
 
 TORCH_LIBRARY_IMPL(tesloss, CPU, m) {
@@ -282,79 +375,3 @@ TORCH_LIBRARY_IMPL(tesloss, CUDA, m) {
 #endif
 
 }  // namespace tesloss
-
-namespace {
-
-// A tuple of n items, item(i) giving each as a new reference; nullptr, with the
-// Python error set, if any of them fails.
-template <typename Item>
-PyObject* tuple_of(int n, Item&& item) {
-  PyObject* tuple = PyTuple_New(n);
-  for (int i = 0; tuple != nullptr && i < n; ++i) {
-    PyObject* value = item(i);
-    if (value == nullptr) {
-      Py_CLEAR(tuple);
-    } else {
-      PyTuple_SET_ITEM(tuple, i, value);
-    }
-  }
-  return tuple;
-}
-
-template <size_t N>
-PyObject* names(const char* const (&items)[N]) {
-  return tuple_of(N, [&](int i) { return PyUnicode_FromString(items[i]); });
-}
-
-// ((name, schema type), ...) of the parameters, in schema order.
-PyObject* param_table() {
-#define TESLOSS_PARAM_ROW(type, name, schema_type, ...) {#name, schema_type},
-  constexpr std::pair<const char*, const char*> kRows[] = {
-      TESLOSS_FOR_EACH_PARAM(TESLOSS_PARAM_ROW)};
-#undef TESLOSS_PARAM_ROW
-  return tuple_of(tesloss::kNumParams, [&](int i) {
-    return Py_BuildValue("(ss)", kRows[i].first, kRows[i].second);
-  });
-}
-
-// {logits dtype: accumulation dtype} for every dtype the kernels take.
-PyObject* accumulation_dtypes() {
-  PyObject* dict = PyDict_New();
-  for (const at::ScalarType t : {at::kDouble, at::kFloat, at::kBFloat16, at::kHalf}) {
-    auto* key = reinterpret_cast<PyObject*>(torch::getTHPDtype(t));
-    auto* value = reinterpret_cast<PyObject*>(torch::getTHPDtype(tesloss::acc_scalar_type(t)));
-    if (dict != nullptr && PyDict_SetItem(dict, key, value) != 0) Py_CLEAR(dict);
-  }
-  return dict;
-}
-
-// Adds `value` (a new reference, or nullptr on failure) to the module as `name`.
-bool add(PyObject* module, const char* name, PyObject* value) {
-  if (value == nullptr) return false;
-  if (PyModule_AddObject(module, name, value) != 0) {
-    Py_DECREF(value);
-    return false;
-  }
-  return true;
-}
-
-}  // namespace
-
-// Importing tesloss._C runs the registrations above. The module holds no
-// functions, only the op's constants (tesloss._ops reads them) and how the CPU
-// kernels were compiled.
-extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  PyObject* module = PyModule_Create(&module_def);
-  if (module == nullptr) return nullptr;
-  const bool ok =
-      add(module, "row_stats", names(tesloss::kRowStatNames)) &&
-      add(module, "batch_stats", names(tesloss::kBatchStatNames)) &&
-      add(module, "reductions", names(tesloss::kReductionNames)) &&
-      add(module, "params", param_table()) &&
-      add(module, "accumulation_dtypes", accumulation_dtypes()) &&
-      PyModule_AddStringConstant(module, "cpu_capability",
-                                 TESLOSS_STR(TESLOSS_CPU_CAPABILITY_NAME)) == 0;
-  if (!ok) Py_CLEAR(module);
-  return module;
-}

@@ -12,18 +12,23 @@
 namespace tesloss {
 
 // Columns of the [B, kNumRowStats] tensor the forward saves for the backward
-// and for the logged parts, and their names in Python.
+// and for the logged parts, and their names in Python. The backward rebuilds
+// softmax(z) and softmax(t / tau) from each row's maxima and sums of
+// exponentials rather than from log-sum-exps, so that a large logit offset is
+// never rounded into the exponent (tes_loss.h).
 enum RowStat : int {
   kRowLoss,
-  kRowLseVis,
-  kRowLseTxt,
-  kRowCeVis,  // CE(z, y), the hard-label vision loss
-  kRowKlRef,  // KL(p_ref || p_v)
-  kRowCeTxt,  // CE(s, y)
+  kRowMaxVis,  // max of z
+  kRowSumVis,  // sum of exp(z - max z), >= 1
+  kRowMaxTxt,  // max of t, in the units of t (not of t / tau)
+  kRowSumTxt,  // sum of exp((t - max t) / tau), >= 1
+  kRowCeVis,   // CE(z, y), the hard-label vision loss
+  kRowKlRef,   // KL(p_ref || p_v)
+  kRowCeTxt,   // CE(s, y)
   kNumRowStats,
 };
 inline constexpr const char* kRowStatNames[kNumRowStats] = {
-    "loss", "lse_vis", "lse_txt", "ce_vision", "kl_ref", "ce_text"};
+    "loss", "max_vis", "sum_vis", "max_txt", "sum_txt", "ce_vision", "kl_ref", "ce_text"};
 
 // Entries of the [kNumBatchStats] tensor: the count of rows that are not
 // ignored, and the means of the parts over those rows. The parts' names are
@@ -43,11 +48,19 @@ enum Reduction : int64_t { kReduceNone = 0, kReduceMean = 1, kReduceSum = 2 };
 inline constexpr const char* kReductionNames[kReduceSum + 1] = {"none", "mean", "sum"};
 
 // Accumulation type: fp64 for fp64 logits, fp32 for every other dtype. The
-// loss and the row and batch statistics come back in it.
+// loss and the row and batch statistics come back in it. Sums over the rows of
+// a batch are kept in fp64 with a compensation term (tes_loss.h's BatchSum),
+// whatever the logits' dtype.
 template <typename scalar_t>
 using acc_t_of = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
 inline constexpr double kInf = std::numeric_limits<double>::infinity();
+inline constexpr double kLog2e = 1.44269504088896340736;
+
+// The smallest tau the kernels take for an accumulation type: 1 / tau, times
+// log2(e) where the exponential is taken in base 2, must be finite in it.
+template <typename acc_t>
+inline constexpr double kMinTau = kLog2e / static_cast<double>(std::numeric_limits<acc_t>::max());
 
 // The scalar parameters of both ops, in schema order, each with the condition
 // its `value` must meet and the words that say so. The schemas, the Params
@@ -75,18 +88,27 @@ inline constexpr int kNumParams = 0 TESLOSS_FOR_EACH_PARAM(TESLOSS_COUNT_PARAM);
 #undef TESLOSS_COUNT_PARAM
 
 // What the row math needs of the parameters, in the accumulation type.
+// txt_exp_hi + txt_exp_lo is log2(e) / tau to twice the type's precision: the
+// forward takes the text weights 2^((t - max t) * log2(e) / tau) from that
+// split (tes_loss.h's text_exp), so that a weight far below the max is as
+// accurate as one near it.
 template <typename acc_t>
 struct RowParams {
   acc_t inv_tau;
   acc_t lambda_v;
   acc_t lambda_t;
   int64_t ignore_index;
+  acc_t txt_exp_hi;
+  acc_t txt_exp_lo;
 };
 
 template <typename acc_t>
 inline RowParams<acc_t> row_params(const Params& p) {
+  const double scale = kLog2e / p.tau;
+  const acc_t hi = static_cast<acc_t>(scale);
   return RowParams<acc_t>{static_cast<acc_t>(1.0 / p.tau), static_cast<acc_t>(p.lambda_v),
-                          static_cast<acc_t>(p.lambda_t), p.ignore_index};
+                          static_cast<acc_t>(p.lambda_t), p.ignore_index,
+                          hi, static_cast<acc_t>(scale - static_cast<double>(hi))};
 }
 
 }  // namespace tesloss

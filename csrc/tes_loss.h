@@ -8,16 +8,24 @@
 //   p_v    = softmax(z)
 //   q      = lambda_v * p_ref + (1 - lambda_v) * onehot(y)
 //   loss   = CE(z, q) + lambda_t * CE(s, y)
-//          = lse(z) - lambda_v * <p_ref, z> - (1 - lambda_v) * z[y]
-//            + lambda_t * (lse(s) - s[y])
+//          = lambda_v * CE(z, p_ref) + (1 - lambda_v) * CE(z, y) + lambda_t * CE(s, y)
 //   dloss/dz = p_v - q
 //   dloss/dt = (lambda_t / tau) * (p_ref - onehot(y))
 //
+// Every cross-entropy is written as a sum of parts that are >= 0, so that no
+// two large numbers cancel and a constant added to a row's z or t changes
+// nothing but the rounding of differences within the row:
+//   CE(z, y)     = log(sum_c exp(z_c - max z)) + (max z - z_y)
+//   CE(s, y)     = log(sum_c exp(s_c - max s)) + (max t - t_y) / tau
+//   CE(z, p_ref) = log(sum_c exp(z_c - max z)) + <p_ref, max z - z>
+// The text exponent is (t - max t) / tau: the max class gets exactly 0, so
+// exp gives exactly 1 and each sum is >= 1, whatever tau.
+//
 // One read of a row is enough for the forward: an online softmax keeps, for
-// each part of a row, its max and the sum of exp(x - max) for z and for s, and
-// the sums of exp(s - max) * z and exp(s - max) * s, which give <p_ref, z> and
-// <p_ref, s> at the end; parts merge with row_state_merge. The backward needs
-// only lse(z) and lse(s) per row.
+// each part of a row, the maxima of z and t, the sums of exponentials, and the
+// p_ref-weighted gaps sum_c exp(s_c - max s) * (max z - z_c) and
+// sum_c exp(s_c - max s) * (max t - t_c), whose terms are all >= 0; parts
+// merge with row_state_merge. The backward needs the maxima and sums only.
 #pragma once
 
 #include <cmath>
@@ -55,11 +63,36 @@ TESLOSS_HD acc_t weighted(acc_t e, acc_t x) {
   return e == acc_t(0) ? acc_t(0) : e * x;
 }
 
-// exp(old_max - new_max), the factor that moves a running sum to a new max.
-// Equal maxima (including both -inf for an empty partial) give exactly 1.
+// exp(old_max - new_max), the factor that moves a running sum of exp(z - max)
+// to a new max. Equal maxima (including both -inf for an empty partial) give
+// exactly 1.
 template <typename acc_t>
 TESLOSS_HD acc_t rescale(acc_t old_max, acc_t new_max) {
   return old_max == new_max ? acc_t(1) : tes_exp(old_max - new_max);
+}
+
+// A text weight exp(d / tau) for d = t - max t <= 0, as 2^(d * log2(e) / tau)
+// with log2(e) / tau split into hi + lo (RowParams): the exponent's integer part
+// n = round(d * hi) and the rest f = d * hi - n + d * lo, each fused
+// multiply-add rounding once, so f is right to its last bit however large
+// |d| / tau is. A weight far below the row's max is then as accurate as one
+// near it: a confident row's loss is made of such weights. Weights below 2^-126
+// are 0. fp64 takes its exact exp.
+TESLOSS_HD double text_exp(double d, const RowParams<double>& p) { return tes_exp(d * p.inv_tau); }
+
+TESLOSS_HD float text_exp(float d, const RowParams<float>& p) {
+  const float t = d * p.txt_exp_hi;
+  if (t != t) return t;
+  if (t < -126.0f) return 0.0f;
+  const float n = rintf(t);
+  const float f = fmaf(d, p.txt_exp_lo, fmaf(d, p.txt_exp_hi, -n));
+  return tes_exp2(f) * pow2i(static_cast<int>(n));
+}
+
+// The factor that moves a running sum of text weights to a new max.
+template <typename acc_t>
+TESLOSS_HD acc_t rescale_txt(acc_t old_max, acc_t new_max, const RowParams<acc_t>& p) {
+  return old_max == new_max ? acc_t(1) : text_exp(old_max - new_max, p);
 }
 
 template <typename acc_t>
@@ -72,15 +105,22 @@ TESLOSS_HD bool is_valid_label(int64_t label, int64_t num_classes) {
   return label >= 0 && label < num_classes;
 }
 
+// The gaps are kept times kGapScale = 2^-32, exactly (a power of two), so
+// that their sums stay finite: each term is at most the row's spread of
+// logits, which may be close to the largest float, and up to 2^30 of them are
+// added. Only a gap below 2^-94 loses bits to the scaling, where it is far
+// below the rounding of the log-sum-exp it is added to.
+inline constexpr double kGapScale = 1.0 / 4294967296.0;
+
 // Online-softmax statistics of one row, or of any part of one.
 template <typename acc_t>
 struct RowState {
-  acc_t max_vis;      // running max of z
-  acc_t sum_vis;      // sum of exp(z - max_vis)
-  acc_t max_txt;      // running max of s
-  acc_t sum_txt;      // sum of exp(s - max_txt)
-  acc_t ref_dot_vis;  // sum of exp(s - max_txt) * z
-  acc_t ref_dot_txt;  // sum of exp(s - max_txt) * s
+  acc_t max_vis;  // running max of z
+  acc_t sum_vis;  // sum of exp(z - max_vis)
+  acc_t max_txt;  // running max of t (units of t)
+  acc_t sum_txt;  // sum of exp((t - max_txt) / tau)
+  acc_t gap_vis;  // kGapScale * sum of exp((t - max_txt) / tau) * (max_vis - z), >= 0
+  acc_t gap_txt;  // kGapScale * sum of exp((t - max_txt) / tau) * (max_txt - t), >= 0
 };
 
 template <typename acc_t>
@@ -97,21 +137,33 @@ TESLOSS_HD acc_t softmax_shift(acc_t part_max) {
   return part_max == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : part_max;
 }
 
+// A part's gap measured from a larger max: each of its terms grows by
+// (new_max - old_max) times its weight. A part without weight adds nothing,
+// even where its max is -inf.
+template <typename acc_t>
+TESLOSS_HD acc_t regap(acc_t gap, acc_t old_max, acc_t new_max, acc_t weight_sum) {
+  if (weight_sum == acc_t(0)) return gap;
+  return old_max == new_max ? gap
+                            : gap + (new_max - old_max) * (weight_sum * acc_t(kGapScale));
+}
+
 // Combines the statistics of two disjoint parts of a row (vector lanes,
 // CPU blocks, CUDA threads). Associative up to rounding.
 template <typename acc_t>
-TESLOSS_HD RowState<acc_t> row_state_merge(const RowState<acc_t>& a,
-                                           const RowState<acc_t>& b) {
+TESLOSS_HD RowState<acc_t> row_state_merge(const RowState<acc_t>& a, const RowState<acc_t>& b,
+                                           const RowParams<acc_t>& p) {
   RowState<acc_t> out;
   out.max_vis = nan_max(a.max_vis, b.max_vis);
   out.sum_vis = a.sum_vis * rescale(a.max_vis, out.max_vis) +
                 b.sum_vis * rescale(b.max_vis, out.max_vis);
   out.max_txt = nan_max(a.max_txt, b.max_txt);
-  const acc_t fa = rescale(a.max_txt, out.max_txt);
-  const acc_t fb = rescale(b.max_txt, out.max_txt);
+  const acc_t fa = rescale_txt(a.max_txt, out.max_txt, p);
+  const acc_t fb = rescale_txt(b.max_txt, out.max_txt, p);
   out.sum_txt = a.sum_txt * fa + b.sum_txt * fb;
-  out.ref_dot_vis = weighted(fa, a.ref_dot_vis) + weighted(fb, b.ref_dot_vis);
-  out.ref_dot_txt = weighted(fa, a.ref_dot_txt) + weighted(fb, b.ref_dot_txt);
+  out.gap_vis = weighted(fa, regap(a.gap_vis, a.max_vis, out.max_vis, a.sum_txt)) +
+                weighted(fb, regap(b.gap_vis, b.max_vis, out.max_vis, b.sum_txt));
+  out.gap_txt = weighted(fa, regap(a.gap_txt, a.max_txt, out.max_txt, a.sum_txt)) +
+                weighted(fb, regap(b.gap_txt, b.max_txt, out.max_txt, b.sum_txt));
   return out;
 }
 
@@ -123,28 +175,37 @@ TESLOSS_HD acc_t lambda_mix(acc_t lambda, acc_t a, acc_t b) {
   return lambda * a + (acc_t(1) - lambda) * b;
 }
 
+// log of a sum of exponentials that includes exp(0) = 1: >= 0, and kept so
+// where rounding would take it below (a nan stays nan).
+template <typename acc_t>
+TESLOSS_HD acc_t log_of_sum(acc_t sum) {
+  const acc_t log_sum = tes_log(sum);
+  return log_sum < acc_t(0) ? acc_t(0) : log_sum;
+}
+
 // The per-row loss and the parts, from the finished statistics and the
 // label's own logits. Writes kNumRowStats values to `out`.
 template <typename acc_t>
-TESLOSS_HD void row_finalize(const RowState<acc_t>& st, acc_t z_label, acc_t s_label,
+TESLOSS_HD void row_finalize(const RowState<acc_t>& st, acc_t z_label, acc_t t_label,
                              const RowParams<acc_t>& p, acc_t* out) {
-  const acc_t lse_vis = st.max_vis + tes_log(st.sum_vis);
-  const acc_t lse_txt = st.max_txt + tes_log(st.sum_txt);
-  const acc_t ref_vis = st.ref_dot_vis / st.sum_txt;  // <p_ref, z>
-  const acc_t ref_txt = st.ref_dot_txt / st.sum_txt;  // <p_ref, s>
-  const acc_t ce_vis = lse_vis - z_label;
-  const acc_t ce_txt = lse_txt - s_label;
-  // CE(z, q) split as lambda_v * CE(z, p_ref) + (1 - lambda_v) * CE(z, y).
-  const acc_t ce_soft = lambda_mix(p.lambda_v, lse_vis - ref_vis, ce_vis);
-  out[kRowLoss] = ce_soft + p.lambda_t * ce_txt;
-  out[kRowLseVis] = lse_vis;
-  out[kRowLseTxt] = lse_txt;
+  constexpr acc_t kUnscale = acc_t(1.0 / kGapScale);
+  const acc_t log_sum_vis = log_of_sum(st.sum_vis);
+  const acc_t log_sum_txt = log_of_sum(st.sum_txt);
+  const acc_t ce_vis = log_sum_vis + (st.max_vis - z_label);
+  const acc_t ce_txt = log_sum_txt + (st.max_txt - t_label) * p.inv_tau;
+  const acc_t ce_ref = log_sum_vis + st.gap_vis / st.sum_txt * kUnscale;  // CE(z, p_ref)
+  const acc_t entropy_ref = log_sum_txt + st.gap_txt / st.sum_txt * kUnscale * p.inv_tau;
+  out[kRowLoss] = lambda_mix(p.lambda_v, ce_ref, ce_vis) + p.lambda_t * ce_txt;
+  out[kRowMaxVis] = st.max_vis;
+  out[kRowSumVis] = st.sum_vis;
+  out[kRowMaxTxt] = st.max_txt;
+  out[kRowSumTxt] = st.sum_txt;
   out[kRowCeVis] = ce_vis;
-  out[kRowKlRef] = (ref_txt - lse_txt) - (ref_vis - lse_vis);
+  out[kRowKlRef] = ce_ref - entropy_ref;
   out[kRowCeTxt] = ce_txt;
 }
 
-// A row that is ignored: zero loss and parts. Its log-sum-exps are never read.
+// A row that is ignored: zero loss and parts. Its other statistics are never read.
 template <typename acc_t>
 TESLOSS_HD void row_ignored(acc_t* out) {
   for (int k = 0; k < kNumRowStats; ++k) out[k] = acc_t(0);
@@ -159,38 +220,26 @@ TESLOSS_HD acc_t row_upstream_grad(const acc_t* grad_loss, int64_t grad_stride,
   return grad_loss[0];
 }
 
-// softmax(x)[c] from x[c] and the row's log-sum-exp.
-template <typename T>
-TESLOSS_HD T softmax_prob(T x, T lse) {
-  return tes_exp(x - lse);
-}
-
-// dloss/dz for one column, times the upstream gradient g:
-//   g * (p_v - lambda_v * p_ref - (1 - lambda_v) * onehot).
-// Generic in T so the CPU kernel runs it on whole vectors (onehot = 0) as well
-// as on single columns, always in the accumulation type, so the label's term
-// is never rounded to a half type before it is subtracted.
-template <typename T>
-TESLOSS_HD T vis_grad(T p_v, T p_ref, T onehot, T g, T lambda_v, T one_minus_lambda_v) {
-  return g * (p_v - lambda_v * p_ref - one_minus_lambda_v * onehot);
-}
-
-// dloss/dt for one column: g_txt * (p_ref - onehot), g_txt = g * lambda_t / tau.
-template <typename T>
-TESLOSS_HD T txt_grad(T p_ref, T onehot, T g_txt) {
-  return g_txt * (p_ref - onehot);
-}
-
-// What the backward needs of one row besides its columns.
+// What the backward needs of one row besides its columns. Its gradients are
+//   dloss/dz_c = g_vis * exp(z_c - max_vis) - g_ref * exp((t_c - max_txt) / tau)
+//                - g * (1 - lambda_v) * onehot_c
+//   dloss/dt_c = g_txt * exp((t_c - max_txt) / tau) - g * lambda_t / tau * onehot_c
+// with the sums' reciprocals folded into the factors, so that the exponentials
+// are taken of differences within the row, never of a logit minus a rounded
+// log-sum-exp.
 template <typename acc_t>
 struct GradRow {
   acc_t inv_tau;
-  acc_t lse_vis;
-  acc_t lse_txt;
-  acc_t g;      // the row's upstream gradient
-  acc_t g_txt;  // g * lambda_t / tau
+  acc_t max_vis;
+  acc_t max_txt;
+  acc_t g_vis;       // g / sum_vis
+  acc_t g_ref;       // g * lambda_v / sum_txt
+  acc_t g_txt;       // g * lambda_t / tau / sum_txt
+  acc_t inv_sum_vis;
+  acc_t inv_sum_txt;
+  acc_t g;           // the row's upstream gradient
   acc_t lambda_v;
-  acc_t one_minus_lambda_v;
+  acc_t lambda_t_over_tau;
 };
 
 // `stats` is the row's kNumRowStats statistics, `g` its upstream gradient.
@@ -198,41 +247,88 @@ template <typename acc_t>
 TESLOSS_HD GradRow<acc_t> grad_row(const RowParams<acc_t>& p, const acc_t* stats, acc_t g) {
   GradRow<acc_t> r;
   r.inv_tau = p.inv_tau;
-  r.lse_vis = stats[kRowLseVis];
-  r.lse_txt = stats[kRowLseTxt];
-  r.g = g;
-  r.g_txt = g * p.lambda_t * p.inv_tau;
+  r.max_vis = stats[kRowMaxVis];
+  r.max_txt = stats[kRowMaxTxt];
+  r.inv_sum_vis = acc_t(1) / stats[kRowSumVis];
+  r.inv_sum_txt = acc_t(1) / stats[kRowSumTxt];
   r.lambda_v = p.lambda_v;
-  r.one_minus_lambda_v = acc_t(1) - p.lambda_v;
+  r.lambda_t_over_tau = p.lambda_t * p.inv_tau;
+  r.g = g;
+  r.g_vis = g * r.inv_sum_vis;
+  r.g_ref = g * p.lambda_v * r.inv_sum_txt;
+  r.g_txt = g * r.lambda_t_over_tau * r.inv_sum_txt;
   return r;
 }
 
-// Both gradients of one column, in acc_t until the one rounding to scalar_t,
-// the label's term included.
+// Both gradients of one column, in acc_t until the one rounding to scalar_t.
+// The label's column takes p - 1 with p formed first, so a confident row's
+// small difference is not lost to the factors' rounding.
 template <typename scalar_t, typename acc_t>
 TESLOSS_HD void grad_column(scalar_t vis_in, scalar_t txt_in, bool is_label,
                             const GradRow<acc_t>& r, scalar_t& grad_vis, scalar_t& grad_txt) {
-  const acc_t onehot = is_label ? acc_t(1) : acc_t(0);
-  const acc_t p_v = softmax_prob(static_cast<acc_t>(vis_in), r.lse_vis);
-  const acc_t p_ref = softmax_prob(static_cast<acc_t>(txt_in) * r.inv_tau, r.lse_txt);
-  grad_vis = static_cast<scalar_t>(
-      vis_grad(p_v, p_ref, onehot, r.g, r.lambda_v, r.one_minus_lambda_v));
-  grad_txt = static_cast<scalar_t>(txt_grad(p_ref, onehot, r.g_txt));
+  const acc_t e_vis = tes_exp(static_cast<acc_t>(vis_in) - r.max_vis);
+  const acc_t e_txt = tes_exp((static_cast<acc_t>(txt_in) - r.max_txt) * r.inv_tau);
+  if (!is_label) {
+    grad_vis = static_cast<scalar_t>(r.g_vis * e_vis - r.g_ref * e_txt);
+    grad_txt = static_cast<scalar_t>(r.g_txt * e_txt);
+    return;
+  }
+  const acc_t p_v = e_vis * r.inv_sum_vis;
+  const acc_t p_ref = e_txt * r.inv_sum_txt;
+  // p_v - q = (p_v - 1) + lambda_v * (1 - p_ref): where a difference cancels it is exact.
+  grad_vis = static_cast<scalar_t>(r.g * ((p_v - acc_t(1)) + r.lambda_v * (acc_t(1) - p_ref)));
+  grad_txt = static_cast<scalar_t>(r.g * r.lambda_t_over_tau * (p_ref - acc_t(1)));
 }
 
-// The batch's loss and logged parts from the sums over rows that are not
-// ignored: `sums` holds kNumRowStats sums (only kRowLoss and the parts are
-// read). "mean" over zero rows is 0 / 0 = nan, as in F.cross_entropy.
-template <typename acc_t>
-TESLOSS_HD void batch_finalize(const acc_t* sums, acc_t num_valid, int64_t reduction,
-                               acc_t* loss_out, acc_t* batch_stats) {
-  if (reduction != kReduceNone) {
-    *loss_out = reduction == kReduceMean ? sums[kRowLoss] / num_valid : sums[kRowLoss];
+// A sum over a batch's rows: fp64 with Neumaier's compensation, in a fixed
+// order, so a mean over millions of rows is correctly rounded to the
+// accumulation type and the result does not depend on the thread count.
+// Zero-initialize it (= {}): no constructor, so that CUDA can keep it in
+// shared memory.
+struct BatchSum {
+  double hi;
+  double lo;
+
+  TESLOSS_HD void add(double x) {
+    const double t = hi + x;
+    // The rounding error of hi + x, exactly (Neumaier's branch picks the larger term).
+    lo += (hi >= x || hi <= -x) ? (hi - t) + x : (x - t) + hi;
+    hi = t;
   }
-  batch_stats[kBatchValid] = num_valid;
-  batch_stats[kBatchCeVis] = sums[kRowCeVis] / num_valid;
-  batch_stats[kBatchKlRef] = sums[kRowKlRef] / num_valid;
-  batch_stats[kBatchCeTxt] = sums[kRowCeTxt] / num_valid;
+  TESLOSS_HD void add(const BatchSum& other) {
+    add(other.hi);
+    lo += other.lo;
+  }
+  // An infinite or nan sum is that (its compensation would be nan).
+  TESLOSS_HD double value() const { return hi - hi == 0 ? hi + lo : hi; }
+};
+
+// Sums of the row statistics that make the batch's loss and logged parts.
+enum BatchSumIndex : int { kSumLoss, kSumCeVis, kSumKlRef, kSumCeTxt, kNumBatchSums };
+
+template <typename acc_t>
+TESLOSS_HD void add_row(BatchSum (&sums)[kNumBatchSums], const acc_t* row) {
+  sums[kSumLoss].add(row[kRowLoss]);
+  sums[kSumCeVis].add(row[kRowCeVis]);
+  sums[kSumKlRef].add(row[kRowKlRef]);
+  sums[kSumCeTxt].add(row[kRowCeTxt]);
+}
+
+// The batch's loss and logged parts from the sums over the `num_valid` rows
+// that are not ignored. "mean" over zero rows is 0 / 0 = nan, as in
+// F.cross_entropy.
+template <typename acc_t>
+TESLOSS_HD void batch_finalize(const BatchSum (&sums)[kNumBatchSums], int64_t num_valid,
+                               int64_t reduction, acc_t* loss_out, acc_t* batch_stats) {
+  const double n = static_cast<double>(num_valid);
+  if (reduction != kReduceNone) {
+    const double loss = sums[kSumLoss].value();
+    *loss_out = static_cast<acc_t>(reduction == kReduceMean ? loss / n : loss);
+  }
+  batch_stats[kBatchValid] = static_cast<acc_t>(num_valid);
+  batch_stats[kBatchCeVis] = static_cast<acc_t>(sums[kSumCeVis].value() / n);
+  batch_stats[kBatchKlRef] = static_cast<acc_t>(sums[kSumKlRef].value() / n);
+  batch_stats[kBatchCeTxt] = static_cast<acc_t>(sums[kSumCeTxt].value() / n);
 }
 
 }  // namespace tesloss

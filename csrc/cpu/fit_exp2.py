@@ -1,12 +1,18 @@
 #!/usr/bin/env python
-"""Fits the degree-5 polynomial that exp2_avx512 (csrc/cpu/vec_exp.h) uses for 2^f on [-1/2, 1/2].
+"""Fits the degree-6 polynomial that the vector exp2 (csrc/cpu/vec_exp.h) uses for 2^f on [-1/2, 1/2].
 
     python csrc/cpu/fit_exp2.py           # print the coefficients and their errors
     python csrc/cpu/fit_exp2.py --check   # exit 1 unless vec_exp.h holds exactly these
 
+The constant coefficient is 1 exactly, so that p(0) = 1 and 2^n is exact for every integer n:
+the kernels take exp(0) for each row's max class, and a sum of exponentials that holds an
+exact 1 is >= 1, so its log is >= 0 (csrc/tes_loss.h).
+
 Two steps, both deterministic:
-1. Remez exchange for the minimax *relative* error of p(f) against 2^f (in float64), since
-   the kernel scales p(f) by 2^n exactly, so p's relative error is the exp's.
+1. Remez exchange for the minimax *relative* error of p(f) = 1 + f r(f) against 2^f (in
+   float64), since the kernel scales p(f) by 2^n exactly, so p's relative error is the exp's.
+   With the constant fixed, that is a weighted minimax fit of r to (2^f - 1) / f, with the
+   weight f / 2^f.
 2. The coefficients rounded to float32, then moved one float32 step at a time (up to four
    steps, one coefficient at a time, until no move helps) while that lowers the max relative
    error of p evaluated as the kernel evaluates it: Horner's rule in float32, one rounding per
@@ -22,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-DEGREE = 5
+DEGREE = 6
 GRID_POINTS = 400_001
 MAX_STEPS = 4
 HEADER = Path(__file__).resolve().parent / "vec_exp.h"
@@ -32,23 +38,35 @@ def grid():
     return np.linspace(-0.5, 0.5, GRID_POINTS).astype(np.float32)
 
 
-def remez(f64, iterations=40):
-    """Minimax coefficients (lowest degree first) of the relative error of p(f) against 2^f."""
-    nodes = DEGREE + 2
+def remez(f64, iterations=60):
+    """Minimax coefficients (lowest degree first, the first 1) of the relative error of
+    p(f) = 1 + f r(f) against 2^f."""
+    def target(x):  # (2^x - 1) / x, and its limit log 2 at 0
+        safe = np.where(x == 0, 1.0, x)
+        return np.where(x == 0, np.log(2), np.expm1(x * np.log(2)) / safe)
+
+    def weight(x):
+        return np.abs(x) / np.exp2(x)
+
+    nodes = DEGREE + 1  # DEGREE coefficients of r and the level of the error
     points = 0.5 * np.cos(np.pi * np.arange(nodes) / (nodes - 1))[::-1]
     for _ in range(iterations):
-        exact = np.exp2(points)
-        system = np.column_stack([points ** k for k in range(DEGREE + 1)]
-                                 + [(-1.0) ** np.arange(nodes) * exact])
-        coefficients = np.linalg.solve(system, exact)[:-1]
-        error = np.polyval(coefficients[::-1], f64) / np.exp2(f64) - 1
-        # The new reference points: the largest |error| between sign changes.
+        system = np.column_stack([points ** k for k in range(DEGREE)]
+                                 + [(-1.0) ** np.arange(nodes) / weight(points)])
+        r = np.linalg.solve(system, target(points))[:-1]
+        error = (np.polyval(r[::-1], f64) - target(f64)) * weight(f64)
+        # The new reference points: the largest |error| between sign changes, leaving out
+        # f = 0, where the error is 0 by construction; then the largest at either end.
         bounds = [0, *(np.nonzero(np.diff(np.sign(error)))[0] + 1), len(f64)]
         extrema = [a + np.argmax(np.abs(error[a:b])) for a, b in zip(bounds[:-1], bounds[1:])]
+        extrema = [e for e in extrema if f64[e] != 0]
+        while len(extrema) > nodes:
+            extrema = extrema[1:] if abs(error[extrema[0]]) < abs(error[extrema[-1]]) \
+                else extrema[:-1]
         if len(extrema) != nodes:
             break
         points = f64[extrema]
-    return coefficients
+    return np.concatenate([[1.0], r])
 
 
 def horner_fp32(coefficients, f):
@@ -72,7 +90,7 @@ def fit():
     improved = True
     while improved:
         improved = False
-        for k in range(DEGREE + 1):
+        for k in range(1, DEGREE + 1):  # the constant stays 1
             for steps in [s for n in range(1, MAX_STEPS + 1) for s in (-n, n)]:
                 trial = coefficients.copy()
                 direction = np.float32(np.inf if steps > 0 else -np.inf)
@@ -86,8 +104,8 @@ def fit():
 
 def header_coefficients():
     """The coefficients in vec_exp.h, lowest degree first (it lists them highest first)."""
-    body = HEADER.read_text().split("inline __m512 exp2_avx512", 1)[1].split("\n}", 1)[0]
-    values = [float(v) for v in re.findall(r"_mm512_set1_ps\(([-0-9.e]+)f\)", body)]
+    body = HEADER.read_text().split("kExp2Coefficients[] = {", 1)[1].split("};", 1)[0]
+    values = [float(v) for v in re.findall(r"([-0-9.e]+)f", body)]
     return np.array(values[::-1], dtype=np.float32)
 
 
@@ -102,7 +120,7 @@ def main(argv=None):
     error64 = float(np.abs(exact64 / np.exp2(f.astype(np.float64)) - 1).max())
     print(f"max relative error of p(f) against 2^f on [-1/2, 1/2]: {error:.3e} in float32 "
           f"Horner, {error64:.3e} with the polynomial evaluated exactly")
-    print("highest degree first, as exp2_avx512 applies them:")
+    print("highest degree first, as the kernels apply them:")
     for c in coefficients[::-1]:
         print(f"  {float(c)!r}f")
     if args.check:

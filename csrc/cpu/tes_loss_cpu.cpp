@@ -79,13 +79,6 @@ inline acc_t lane_max(const Vectorized<acc_t>& v) {
       v);
 }
 
-// tes_loss.h's weighted(), lane by lane.
-template <typename T>
-inline Vectorized<T> weighted(const Vectorized<T>& e, const Vectorized<T>& x) {
-  const Vectorized<T> zero(T(0));
-  return Vectorized<T>::blendv(e * x, zero, e == zero);
-}
-
 template <typename acc_t>
 void check_label(int64_t label, int64_t row, int64_t num_classes, const RowParams<acc_t>& p) {
   TORCH_CHECK_INDEX(is_ignored(label, p) || is_valid_label<acc_t>(label, num_classes),
@@ -99,36 +92,43 @@ void check_label(int64_t label, int64_t row, int64_t num_classes, const RowParam
 constexpr int64_t kBlock = 1024;
 
 // The forward's second sweep over a block of n columns: the sums of
-// exponentials, given the block's maxima. The last, partial vector is
-// zero-padded and its padded lanes get weight 0. The products e * z and e * t
-// need weighted() only where a weight of 0 meets an infinite logit (masked
-// classes); that guard costs a compare and a blend per vector, so blocks are
-// summed without it first (kGuarded = false) and again with it only if a
-// product came out nan.
-template <bool kGuarded, typename scalar_t, typename acc_t>
+// exponentials and the gaps, given the block's maxima. The last, partial
+// vector is zero-padded and its padded lanes get weight 0. Each gap term is a
+// weight times a difference the exponent already needed, so the gaps cost one
+// fused multiply-add each. Two things the plain sums cannot take are left to
+// a second, careful sum (kCareful): a weight of 0 against an infinite
+// difference (a masked class) makes nan, where the term is 0; and a lane's gap
+// can overflow where the row's spread is near the largest float. The careful
+// sum scales each term by kGapScale (the plain one scales the lane sums) and
+// gives a zero weight a zero term.
+template <bool kCareful, typename scalar_t, typename acc_t>
 RowState<acc_t> block_state(const scalar_t* vis, const scalar_t* txt, int64_t n,
-                            acc_t inv_tau, acc_t max_vis, acc_t max_txt) {
+                            const RowParams<acc_t>& p, acc_t max_vis, acc_t max_txt) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t W = Vec::size();
-  const Vec shift_vis(softmax_shift(max_vis)), zero(0);
-  const ScaledExp<acc_t> exp_txt(inv_tau, softmax_shift(max_txt));  // exp(t / tau - shift)
-  // dot_txt sums e * t; times 1 / tau at the end, it is the sum of e * s.
-  Vec sum_vis(0), sum_txt(0), dot_vis(0), dot_txt(0);
+  const Vec shift_vis(softmax_shift(max_vis)), shift_txt(softmax_shift(max_txt)), zero(0);
+  const Vec gap_scale(static_cast<acc_t>(kCareful ? kGapScale : 1.0));
+  const ScaledExp<acc_t> exp_vis(acc_t(1));  // exp(z - max z)
+  const TextExp<acc_t> exp_txt(p);            // exp((t - max t) / tau), accurately
+  Vec sum_vis(0), sum_txt(0), gap_vis(0), gap_txt(0);
   const auto add = [&](const Vec& z, const Vec& t, int64_t lanes) {
-    Vec e_vis = tes_exp(z - shift_vis);
-    Vec e = exp_txt(t);
+    const Vec d_vis = z - shift_vis;  // <= 0
+    const Vec d_txt = t - shift_txt;
+    Vec e_vis = exp_vis(d_vis);
+    Vec e = exp_txt(d_txt);
     if (lanes < W) {
       e_vis = first_lanes(e_vis, zero, lanes);
       e = first_lanes(e, zero, lanes);
     }
     sum_vis += e_vis;
     sum_txt += e;
-    if constexpr (kGuarded) {
-      dot_vis += weighted(e, z);
-      dot_txt += weighted(e, t);
+    if constexpr (kCareful) {
+      const Vec w = e * gap_scale;
+      gap_vis = Vec::blendv(gap_vis - w * d_vis, gap_vis, w == zero);
+      gap_txt = Vec::blendv(gap_txt - w * d_txt, gap_txt, w == zero);
     } else {
-      dot_vis = at::vec::fmadd(e, z, dot_vis);
-      dot_txt = at::vec::fmadd(e, t, dot_txt);
+      gap_vis = at::vec::fnmadd(e, d_vis, gap_vis);
+      gap_txt = at::vec::fnmadd(e, d_txt, gap_txt);
     }
   };
   const int64_t n_full = n - n % W;
@@ -139,19 +139,20 @@ RowState<acc_t> block_state(const scalar_t* vis, const scalar_t* txt, int64_t n,
     add(load_acc_tail<acc_t>(vis + n_full, n - n_full),
         load_acc_tail<acc_t>(txt + n_full, n - n_full), n - n_full);
   }
+  const Vec lane_scale(static_cast<acc_t>(kCareful ? 1.0 : kGapScale));
   return RowState<acc_t>{max_vis, lane_sum(sum_vis), max_txt, lane_sum(sum_txt),
-                         lane_sum(dot_vis), lane_sum(dot_txt) * inv_tau};
+                         lane_sum(gap_vis * lane_scale), lane_sum(gap_txt * lane_scale)};
 }
 
 // The statistics of one block of n columns: its maxima (first sweep), then
 // block_state (second sweep). The first sweep's max does not look for nan: a
-// nan logit makes a product in the second sweep nan, and so does a weight of 0
-// against an infinite logit; either sends the block down the careful path,
-// which takes maxima that keep nan (so a nan logit makes the row's loss nan)
-// and guards the products.
+// nan logit makes a gap in the second sweep nan, and so does a weight of 0
+// against an infinite logit; either, or a gap that overflowed, sends the block
+// down the careful path, which takes maxima that keep nan (so a nan logit
+// makes the row's loss nan) and guards the terms.
 template <typename scalar_t, typename acc_t>
 RowState<acc_t> block_row_state(const scalar_t* vis, const scalar_t* txt, int64_t n,
-                                acc_t inv_tau) {
+                                const RowParams<acc_t>& p) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t W = Vec::size();
   constexpr acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
@@ -168,17 +169,16 @@ RowState<acc_t> block_row_state(const scalar_t* vis, const scalar_t* txt, int64_
     max_txt_v = at::vec::clamp_min(
         max_txt_v, first_lanes(load_acc_tail<acc_t>(txt + n_full, n - n_full), pad, n - n_full));
   }
-  // max(t) / tau is max(t / tau): tau > 0 and rounding is monotone.
   const acc_t max_vis = lane_max(max_vis_v);
-  const acc_t max_txt = lane_max(max_txt_v) * inv_tau;
-  RowState<acc_t> block = block_state<false>(vis, txt, n, inv_tau, max_vis, max_txt);
-  if (std::isnan(block.ref_dot_vis) || std::isnan(block.ref_dot_txt)) {
+  const acc_t max_txt = lane_max(max_txt_v);
+  RowState<acc_t> block = block_state<false>(vis, txt, n, p, max_vis, max_txt);
+  if (!std::isfinite(block.gap_vis) || !std::isfinite(block.gap_txt)) {
     acc_t careful_max_vis = neg_inf, careful_max_txt = neg_inf;
     for (int64_t j = 0; j < n; ++j) {
       careful_max_vis = nan_max(careful_max_vis, static_cast<acc_t>(vis[j]));
-      careful_max_txt = nan_max(careful_max_txt, static_cast<acc_t>(txt[j]) * inv_tau);
+      careful_max_txt = nan_max(careful_max_txt, static_cast<acc_t>(txt[j]));
     }
-    block = block_state<true>(vis, txt, n, inv_tau, careful_max_vis, careful_max_txt);
+    block = block_state<true>(vis, txt, n, p, careful_max_vis, careful_max_txt);
   }
   return block;
 }
@@ -187,39 +187,36 @@ RowState<acc_t> block_row_state(const scalar_t* vis, const scalar_t* txt, int64_
 template <typename scalar_t, typename acc_t>
 void forward_row(const scalar_t* vis, const scalar_t* txt, int64_t C, int64_t label,
                  const RowParams<acc_t>& p, acc_t* out) {
-  RowState<acc_t> row = block_row_state(vis, txt, std::min(kBlock, C), p.inv_tau);
+  RowState<acc_t> row = block_row_state(vis, txt, std::min(kBlock, C), p);
   for (int64_t start = kBlock; start < C; start += kBlock) {
     row = row_state_merge(
-        row, block_row_state(vis + start, txt + start, std::min(kBlock, C - start), p.inv_tau));
+        row, block_row_state(vis + start, txt + start, std::min(kBlock, C - start), p), p);
   }
-  const acc_t z_label = static_cast<acc_t>(vis[label]);
-  const acc_t s_label = static_cast<acc_t>(txt[label]) * p.inv_tau;
-  row_finalize(row, z_label, s_label, p, out);
+  row_finalize(row, static_cast<acc_t>(vis[label]), static_cast<acc_t>(txt[label]), p, out);
 }
 
 // One row of the backward: reads z and t once, writes both gradients once.
-// Whole vectors take onehot = 0; the label's column is written again at the
-// end, with onehot = 1.
+// Whole vectors take the columns that are not the label; the label's column
+// is written again at the end.
 template <typename scalar_t, typename acc_t>
 void backward_row(const scalar_t* vis, const scalar_t* txt, int64_t C, int64_t label,
                   const GradRow<acc_t>& r, scalar_t* grad_vis, scalar_t* grad_txt) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t W = Vec::size();
-  // A row with a nan logit has a nan log-sum-exp; the vector exp of AVX2
-  // builds (exp_u20) would not keep that nan, so such a row takes the scalar
-  // path for every column.
-  if (std::isnan(r.lse_vis) || std::isnan(r.lse_txt)) {
+  // A row with a nan logit has a nan max; the vector exp need not keep that
+  // nan, so such a row takes the scalar path for every column.
+  if (std::isnan(r.max_vis) || std::isnan(r.max_txt)) {
     for (int64_t j = 0; j < C; ++j) grad_column(vis[j], txt[j], j == label, r, grad_vis[j], grad_txt[j]);
     return;
   }
-  const Vec lse_vis(r.lse_vis), g(r.g), g_txt(r.g_txt), lambda_v(r.lambda_v),
-      one_minus_lambda_v(r.one_minus_lambda_v), zero(0);
-  const ScaledExp<acc_t> p_ref_of(r.inv_tau, r.lse_txt);  // softmax(t / tau)
+  const Vec max_vis(r.max_vis), max_txt(r.max_txt), g_vis(r.g_vis), g_ref(r.g_ref),
+      g_txt(r.g_txt);
+  const ScaledExp<acc_t> exp_vis(acc_t(1)), exp_txt(r.inv_tau);
   const auto grads = [&](const Vec& z, const Vec& t, Vec& gv, Vec& gt) {
-    const Vec p_v = softmax_prob(z, lse_vis);
-    const Vec p_ref = p_ref_of(t);
-    gv = vis_grad(p_v, p_ref, zero, g, lambda_v, one_minus_lambda_v);
-    gt = txt_grad(p_ref, zero, g_txt);
+    const Vec e_vis = exp_vis(z - max_vis);
+    const Vec e_txt = exp_txt(t - max_txt);
+    gv = at::vec::fmsub(g_vis, e_vis, g_ref * e_txt);
+    gt = g_txt * e_txt;
   };
   const int64_t n_full = C - C % W;
   Vec gv, gt;
@@ -283,8 +280,8 @@ void tes_loss_forward_cpu(const ForwardTensors& t, const Params& params) {
 
         // The batch reduction runs over rows in order, so results do not
         // depend on the thread count.
-        acc_t sums[kNumRowStats] = {};
-        acc_t num_valid = 0;
+        BatchSum sums[kNumBatchSums] = {};
+        int64_t num_valid = 0;
         const bool per_row = params.reduction == kReduceNone;
         acc_t* loss = t.loss.mutable_data_ptr<acc_t>();
         for (int64_t i = 0; i < in.B; ++i) {
@@ -292,7 +289,7 @@ void tes_loss_forward_cpu(const ForwardTensors& t, const Params& params) {
           if (per_row) loss[i] = row[kRowLoss];
           if (is_ignored(in.labels[i * in.label_stride], in.p)) continue;
           num_valid += 1;
-          for (int k = 0; k < kNumRowStats; ++k) sums[k] += row[k];
+          add_row(sums, row);
         }
         batch_finalize(sums, num_valid, params.reduction, per_row ? nullptr : loss,
                        t.batch_stats.mutable_data_ptr<acc_t>());

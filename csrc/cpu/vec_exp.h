@@ -2,14 +2,16 @@
 // most of their time in. tes_loss.h includes this header where it is compiled
 // for the CPU.
 //
-// For float vectors: exp2_avx512 below where the kernels are built for
-// AVX-512, else ATen's exp_u20, a short polynomial. Both are much cheaper than
-// SLEEF's 1-ulp exp and leave the fp32 results as accurate as SLEEF does
-// against the fp64 reference, because the rounding of s = t / tau and of the
-// log-sum-exps dominates (docs/DESIGN.md). exp_u20 maps nan to a large number,
-// so no caller relies on exp to carry a nan: the forward finds nan logits
-// through the products e * z and e * t, the backward through the row's
-// log-sum-exps. fp64 keeps the exact exp.
+// For float vectors on AVX-512 and AVX2 builds: 2^(x log2 e) as 2^n * p(f),
+// with n = round(x log2 e), f the rest, in [-1/2, 1/2], and p a degree-6
+// polynomial whose constant term is 1, so that exp(0) = 1 exactly.
+// csrc/cpu/fit_exp2.py fits the coefficients and prints their error: 6.9e-8
+// relative evaluated in float32 as here, below SLEEF's 1-ulp exp, at about a
+// third of its cost. Where rounding x log2 e matters (|x| large), the result is
+// far below the row's largest term. Other builds take at::vec's exp. fp64
+// keeps the exact exp. The vector exp need not carry a nan: the forward finds
+// nan logits through the products of weights and logits, the backward through
+// the row's statistics.
 #pragma once
 
 #include <ATen/cpu/vec/vec.h>
@@ -17,80 +19,130 @@
 #include <cmath>
 #include <type_traits>
 
+#include "params.h"
+
 namespace tesloss {
 
 inline float tes_exp(float x) { return ::expf(x); }
+inline float tes_exp2(float x) { return ::exp2f(x); }
+inline float pow2i(int n) { return std::ldexp(1.0f, n); }  // 2^n
+
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#define TESLOSS_VEC_EXP2 1
+// p(f) ~ 2^f on [-1/2, 1/2], highest degree first, as Horner's rule applies them.
+inline constexpr float kExp2Coefficients[] = {
+    0.0001575560017954558f, 0.0013388794614002109f, 0.009617256000638008f,
+    0.055503591895103455f,  0.24022650718688965f,   0.6931471824645996f,
+    1.0f,
+};
+#endif
 
 #if defined(CPU_CAPABILITY_AVX512)
-// 2^t of 16 floats in eight instructions, as 2^n * 2^f with n = round(t) and
-// f = t - n: vreduceps gives f exactly, and gives 0 for t = +-inf, so 2^-inf
-// = 0 and 2^inf = inf need no clamp; a degree-5 polynomial gives 2^f on
-// [-1/2, 1/2]; vscalefps gives 2^n, inf on overflow and 0 on underflow. A nan
-// stays nan. csrc/cpu/fit_exp2.py fits the coefficients, prints their error
-// (1.8e-7 relative, evaluated in float32 as here) and checks this header.
-inline __m512 exp2_avx512(__m512 t) {
-  constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-  const __m512 n = _mm512_roundscale_ps(t, kNearest);
-  const __m512 f = _mm512_reduce_ps(t, kNearest);
-  __m512 p = _mm512_set1_ps(0.0013276472454890609f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.009675540961325169f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.05550713092088699f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24022120237350464f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931470036506653f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0000001192092896f));
-  return _mm512_scalef_ps(p, n);
+using Floats = __m512;
+inline Floats exp2_poly(Floats f) {  // p(f) ~ 2^f for f in [-1/2, 1/2]
+  Floats p = _mm512_set1_ps(kExp2Coefficients[0]);
+  for (int k = 1; k < 7; ++k) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2Coefficients[k]));
+  return p;
+}
+inline Floats nearest(Floats t) {
+  return _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+inline Floats times_pow2(Floats p, Floats n) { return _mm512_scalef_ps(p, n); }
+inline constexpr float kExp2Zero = -160.0f;  // 2^kExp2Zero * p(f) rounds to 0
+
+// 2^t of 16 floats: vreduceps gives f = t - round(t) exactly, and gives 0 for
+// t = +-inf, so 2^-inf = 0 and 2^inf = inf need no clamp; vscalefps gives
+// p(f) * 2^n, inf on overflow and 0 on underflow. A nan stays nan.
+inline Floats exp2_vec(Floats t) {
+  const Floats f = _mm512_reduce_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return times_pow2(exp2_poly(f), nearest(t));
+}
+#elif defined(CPU_CAPABILITY_AVX2)
+using Floats = __m256;
+inline Floats exp2_poly(Floats f) {
+  Floats p = _mm256_set1_ps(kExp2Coefficients[0]);
+  for (int k = 1; k < 7; ++k) p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2Coefficients[k]));
+  return p;
+}
+inline Floats nearest(Floats t) {
+  return _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+// p * 2^n for integral n in [-127, 128]: n = -127 builds the bit pattern of 0,
+// so results below 2^-126 flush to 0, and n = 128 builds inf.
+inline constexpr float kExp2Zero = -127.0f;  // times_pow2 gives exactly 0
+inline Floats times_pow2(Floats p, Floats n) {
+  const __m256i biased = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(biased, 23)));
 }
 
-constexpr float kLog2e = 1.44269504088896341f;
-
-inline at::vec::Vectorized<float> exp_avx512(const at::vec::Vectorized<float>& x) {
-  return exp2_avx512(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)));
+// 2^t of 8 floats, t clamped to [-127, 128] first; f = t - n is exact. A nan
+// gives inf (the clamp's min picks 128).
+inline Floats exp2_vec(Floats t) {
+  t = _mm256_max_ps(_mm256_min_ps(t, _mm256_set1_ps(128.0f)), _mm256_set1_ps(-127.0f));
+  const Floats n = nearest(t);
+  return times_pow2(exp2_poly(_mm256_sub_ps(t, n)), n);
 }
 #endif
 
-template <typename T>
-inline at::vec::Vectorized<T> tes_exp(const at::vec::Vectorized<T>& x) {
-  if constexpr (std::is_same_v<T, float>) {
-#if defined(CPU_CAPABILITY_AVX512)
-    return exp_avx512(x);
-#else
-    return x.exp_u20();
-#endif
-  } else {
-    return x.exp();
-  }
-}
-
-// exp(x * scale - shift) of vectors x, for one scale and shift: the text
-// logits' exp(t / tau - shift), where s = t / tau is never needed by itself.
+// exp(x * scale) of vectors x, for one scale: the text logits' exp((t - max t) / tau)
+// with scale = 1 / tau, and exp(z - max z) with scale = 1 (a product by 1 is exact).
 template <typename T>
 class ScaledExp {
  public:
-  ScaledExp(T scale, T shift) : scale_(scale), shift_(shift) {}
+  explicit ScaledExp(T scale) : scale_(scale) {}
   at::vec::Vectorized<T> operator()(const at::vec::Vectorized<T>& x) const {
-    return tes_exp(x * scale_ - shift_);
+    return (x * scale_).exp();
   }
 
  private:
-  at::vec::Vectorized<T> scale_, shift_;
+  at::vec::Vectorized<T> scale_;
 };
 
-#if defined(CPU_CAPABILITY_AVX512)
-// On AVX-512, the scaling, the shift and the change to base 2 are one fma:
-// 2^(x * (scale log2 e) - shift log2 e). Rounding scale log2 e and shift log2 e
-// errs by about as much as rounding t / tau does, which the tests allow for.
+#if defined(TESLOSS_VEC_EXP2)
+// Base 2: scale * log2 e is rounded once, here.
 template <>
 class ScaledExp<float> {
  public:
-  ScaledExp(float scale, float shift)
-      : scale_log2e_(_mm512_set1_ps(scale * kLog2e)),
-        shift_log2e_(_mm512_set1_ps(shift * kLog2e)) {}
+  explicit ScaledExp(float scale)
+      : scale_(static_cast<float>(static_cast<double>(scale) * kLog2e)) {}
   at::vec::Vectorized<float> operator()(const at::vec::Vectorized<float>& x) const {
-    return exp2_avx512(_mm512_fmsub_ps(x, scale_log2e_, shift_log2e_));
+    return exp2_vec(x * scale_);
   }
 
  private:
-  __m512 scale_log2e_, shift_log2e_;
+  at::vec::Vectorized<float> scale_;
+};
+#endif
+
+// The forward's text weights exp(d / tau) for d = t - max t <= 0, as tes_loss.h's
+// text_exp computes them one at a time: exactly 1 at d = 0, and as accurate far
+// below the max as near it. d is first clamped to where the weight is exactly 0.
+template <typename T>
+class TextExp {
+ public:
+  explicit TextExp(const RowParams<T>& p) : exp_(p.inv_tau) {}
+  at::vec::Vectorized<T> operator()(const at::vec::Vectorized<T>& d) const { return exp_(d); }
+
+ private:
+  ScaledExp<T> exp_;
+};
+
+#if defined(TESLOSS_VEC_EXP2)
+template <>
+class TextExp<float> {
+ public:
+  explicit TextExp(const RowParams<float>& p)
+      : hi_(p.txt_exp_hi), lo_(p.txt_exp_lo), d_min_(kExp2Zero / p.txt_exp_hi) {}
+  at::vec::Vectorized<float> operator()(const at::vec::Vectorized<float>& d_in) const {
+    using Vec = at::vec::Vectorized<float>;
+    const Vec d = at::vec::maximum(d_in, d_min_);
+    const Vec n = nearest(d * hi_);
+    const Vec f = at::vec::fmadd(d, lo_, at::vec::fmsub(d, hi_, n));  // d (hi + lo) - n
+    return times_pow2(exp2_poly(f), n);
+  }
+
+ private:
+  at::vec::Vectorized<float> hi_, lo_, d_min_;
 };
 #endif
 

@@ -28,4 +28,24 @@ __host__ __device__ __forceinline__ float tes_exp(float x) {
 #endif
 }
 
+// 2^x: ex2.approx on the GPU (about 2 ulp), exp2f on the host.
+__host__ __device__ __forceinline__ float tes_exp2(float x) {
+#if defined(__CUDA_ARCH__)
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#else
+  return ::exp2f(x);
+#endif
+}
+
+// 2^n for integral n in [-126, 127].
+__host__ __device__ __forceinline__ float pow2i(int n) {
+#if defined(__CUDA_ARCH__)
+  return __int_as_float((n + 127) << 23);
+#else
+  return std::ldexp(1.0f, n);
+#endif
+}
+
 }  // namespace tesloss

@@ -89,29 +89,33 @@ TESLOSS_HD RowSplit split_row(int C, uintptr_t first_address, bool same_offset) 
 TESLOSS_HD float column_max(float a, float b) { return fmaxf(a, b); }
 TESLOSS_HD double column_max(double a, double b) { return fmax(a, b); }
 
-// The statistics of N columns, padded with -inf where a thread has fewer.
+// The statistics of N columns, padded with -inf where a thread has fewer. z
+// and t are in their own units; the text exponent is (t - max t) / tau.
 template <typename acc_t, int N>
-TESLOSS_HD RowState<acc_t> chunk_state(const acc_t (&z)[N], const acc_t (&s)[N]) {
+TESLOSS_HD RowState<acc_t> chunk_state(const acc_t (&z)[N], const acc_t (&t)[N], const RowParams<acc_t>& p) {
   constexpr acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   acc_t max_vis = neg_inf;
   acc_t max_txt = neg_inf;
 #pragma unroll
   for (int k = 0; k < N; ++k) {
     max_vis = column_max(max_vis, z[k]);
-    max_txt = column_max(max_txt, s[k]);
+    max_txt = column_max(max_txt, t[k]);
   }
   const acc_t shift_vis = softmax_shift(max_vis);
   const acc_t shift_txt = softmax_shift(max_txt);
-  acc_t sum_vis = 0, sum_txt = 0, dot_vis = 0, dot_txt = 0;
+  acc_t sum_vis = 0, sum_txt = 0, gap_vis = 0, gap_txt = 0;
 #pragma unroll
   for (int k = 0; k < N; ++k) {
-    sum_vis += tes_exp(z[k] - shift_vis);
-    const acc_t e = tes_exp(s[k] - shift_txt);
+    const acc_t d_vis = z[k] - shift_vis;
+    const acc_t d_txt = t[k] - shift_txt;
+    sum_vis += tes_exp(d_vis);
+    const acc_t e = text_exp(d_txt, p);
     sum_txt += e;
-    dot_vis += weighted(e, z[k]);
-    dot_txt += weighted(e, s[k]);
+    const acc_t w = e * acc_t(kGapScale);  // exact: a power of two
+    gap_vis -= weighted(w, d_vis);
+    gap_txt -= weighted(w, d_txt);
   }
-  return RowState<acc_t>{max_vis, sum_vis, max_txt, sum_txt, dot_vis, dot_txt};
+  return RowState<acc_t>{max_vis, sum_vis, max_txt, sum_txt, gap_vis, gap_txt};
 }
 
 // One chunk of whole packs: packs first + t + u * TPR for u < kPacks, so each
@@ -119,7 +123,7 @@ TESLOSS_HD RowState<acc_t> chunk_state(const acc_t (&z)[N], const acc_t (&s)[N])
 template <bool kChecked, typename scalar_t, typename acc_t, int TPR>
 TESLOSS_HD RowState<acc_t> pack_chunk_state(const scalar_t* __restrict__ vis,
                                             const scalar_t* __restrict__ txt, int num_packs,
-                                            int first, int t, acc_t inv_tau) {
+                                            int first, int t, const RowParams<acc_t>& p) {
   constexpr int kPack = kPackBytes / sizeof(scalar_t);
   constexpr int kPacks = kChunk<scalar_t> / kPack;
   constexpr acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
@@ -141,17 +145,17 @@ TESLOSS_HD RowState<acc_t> pack_chunk_state(const scalar_t* __restrict__ vis,
     }
   }
   acc_t z[kChunk<scalar_t>];
-  acc_t s[kChunk<scalar_t>];
+  acc_t txt_acc[kChunk<scalar_t>];
 #pragma unroll
   for (int u = 0; u < kPacks; ++u) {
     const bool in_row = !kChecked || first + t + u * TPR < num_packs;
 #pragma unroll
     for (int k = 0; k < kPack; ++k) {
       z[u * kPack + k] = in_row ? static_cast<acc_t>(vis_in[u].val[k]) : neg_inf;
-      s[u * kPack + k] = in_row ? static_cast<acc_t>(txt_in[u].val[k]) * inv_tau : neg_inf;
+      txt_acc[u * kPack + k] = in_row ? static_cast<acc_t>(txt_in[u].val[k]) : neg_inf;
     }
   }
-  return chunk_state(z, s);
+  return chunk_state(z, txt_acc, p);
 }
 
 // The statistics of the columns thread t of TPR reads in one row: the head's
@@ -159,7 +163,7 @@ TESLOSS_HD RowState<acc_t> pack_chunk_state(const scalar_t* __restrict__ vis,
 template <typename scalar_t, typename acc_t, int TPR>
 TESLOSS_HD RowState<acc_t> thread_row_state(const scalar_t* __restrict__ vis,
                                             const scalar_t* __restrict__ txt, int C, int t,
-                                            acc_t inv_tau) {
+                                            const RowParams<acc_t>& p) {
   constexpr int kPack = kPackBytes / sizeof(scalar_t);
   constexpr int kPacks = kChunk<scalar_t> / kPack;
   constexpr acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
@@ -170,32 +174,36 @@ TESLOSS_HD RowState<acc_t> thread_row_state(const scalar_t* __restrict__ vis,
   RowState<acc_t> state = row_state_empty<acc_t>();
   if (t < split.head) {
     const acc_t z[1] = {static_cast<acc_t>(vis[t])};
-    const acc_t s[1] = {static_cast<acc_t>(txt[t]) * inv_tau};
-    state = chunk_state(z, s);
+    const acc_t txt_acc[1] = {static_cast<acc_t>(txt[t])};
+    state = chunk_state(z, txt_acc, p);
   }
 
   const scalar_t* vis_body = vis + split.head;
   const scalar_t* txt_body = txt + split.head;
   int first = 0;
   for (; first + kPacks * TPR <= split.num_packs; first += kPacks * TPR) {
-    state = row_state_merge(state, pack_chunk_state<false, scalar_t, acc_t, TPR>(
-                                       vis_body, txt_body, split.num_packs, first, t, inv_tau));
+    state = row_state_merge(state,
+                            pack_chunk_state<false, scalar_t, acc_t, TPR>(
+                                vis_body, txt_body, split.num_packs, first, t, p),
+                            p);
   }
   if (first + t < split.num_packs) {
-    state = row_state_merge(state, pack_chunk_state<true, scalar_t, acc_t, TPR>(
-                                       vis_body, txt_body, split.num_packs, first, t, inv_tau));
+    state = row_state_merge(state,
+                            pack_chunk_state<true, scalar_t, acc_t, TPR>(
+                                vis_body, txt_body, split.num_packs, first, t, p),
+                            p);
   }
 
   for (int rest = split.rest_begin; rest + t < C; rest += kChunk<scalar_t> * TPR) {
     acc_t z[kChunk<scalar_t>];
-    acc_t s[kChunk<scalar_t>];
+    acc_t txt_acc[kChunk<scalar_t>];
 #pragma unroll
     for (int k = 0; k < kChunk<scalar_t>; ++k) {
       const int col = rest + t + k * TPR;
       z[k] = col < C ? static_cast<acc_t>(vis[col]) : neg_inf;
-      s[k] = col < C ? static_cast<acc_t>(txt[col]) * inv_tau : neg_inf;
+      txt_acc[k] = col < C ? static_cast<acc_t>(txt[col]) : neg_inf;
     }
-    state = row_state_merge(state, chunk_state(z, s));
+    state = row_state_merge(state, chunk_state(z, txt_acc, p), p);
   }
   return state;
 }

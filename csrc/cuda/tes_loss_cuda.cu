@@ -39,17 +39,17 @@ __device__ __forceinline__ RowState<acc_t> shfl_xor_state(const RowState<acc_t>&
                          __shfl_xor_sync(kAllLanes, s.sum_vis, lane_mask, width),
                          __shfl_xor_sync(kAllLanes, s.max_txt, lane_mask, width),
                          __shfl_xor_sync(kAllLanes, s.sum_txt, lane_mask, width),
-                         __shfl_xor_sync(kAllLanes, s.ref_dot_vis, lane_mask, width),
-                         __shfl_xor_sync(kAllLanes, s.ref_dot_txt, lane_mask, width)};
+                         __shfl_xor_sync(kAllLanes, s.gap_vis, lane_mask, width),
+                         __shfl_xor_sync(kAllLanes, s.gap_txt, lane_mask, width)};
 }
 
 // Merges the states of kLanes consecutive lanes; every lane of the warp must
 // call it, whatever its row.
 template <typename acc_t, int kLanes>
-__device__ __forceinline__ RowState<acc_t> lanes_merge(RowState<acc_t> state) {
+__device__ __forceinline__ RowState<acc_t> lanes_merge(RowState<acc_t> state, const RowParams<acc_t>& p) {
 #pragma unroll
   for (int lane_mask = kLanes / 2; lane_mask > 0; lane_mask /= 2) {
-    state = row_state_merge(state, shfl_xor_state(state, lane_mask, kLanes));
+    state = row_state_merge(state, shfl_xor_state(state, lane_mask, kLanes), p);
   }
   return state;
 }
@@ -58,41 +58,47 @@ __device__ __forceinline__ RowState<acc_t> lanes_merge(RowState<acc_t> state) {
 // within each warp, then, for a row of several warps, the warps' states in
 // order through shared memory. Every thread of the block must call it.
 template <typename acc_t, int TPR, int RPB>
-__device__ __forceinline__ RowState<acc_t> group_merge(RowState<acc_t> state, int group, int t) {
+__device__ __forceinline__ RowState<acc_t> group_merge(RowState<acc_t> state, int group, int t,
+                                                       const RowParams<acc_t>& p) {
   static_assert(TPR <= 32 ? 32 % TPR == 0 : TPR % 32 == 0, "a row's threads tile warps");
   if constexpr (TPR <= 32) {
-    return lanes_merge<acc_t, TPR>(state);
+    return lanes_merge<acc_t, TPR>(state, p);
   } else {
     constexpr int kWarpsPerRow = TPR / 32;
     __shared__ RowState<acc_t> warp_states[RPB][kWarpsPerRow];
-    state = lanes_merge<acc_t, 32>(state);
+    state = lanes_merge<acc_t, 32>(state, p);
     __syncthreads();  // the previous row's states have been read
     if (t % 32 == 0) warp_states[group][t / 32] = state;
     __syncthreads();
     if (t == 0) {
       state = warp_states[group][0];
 #pragma unroll
-      for (int w = 1; w < kWarpsPerRow; ++w) state = row_state_merge(state, warp_states[group][w]);
+      for (int w = 1; w < kWarpsPerRow; ++w) {
+        state = row_state_merge(state, warp_states[group][w], p);
+      }
     }
     return state;
   }
 }
 
-// Entries of the per-block partial sums the forward leaves for the finish kernel.
-enum Partial : int {
-  kPartLoss,
-  kPartCeVis,
-  kPartKlRef,
-  kPartCeTxt,
-  kPartCount,
-  kNumPartials,
+// What each block leaves for the finish kernel: its rows' sums and the count
+// of its rows that are not ignored.
+struct BlockPartial {
+  BatchSum sums[kNumBatchSums];
+  long long count;
+
+  __device__ void add(const BlockPartial& other) {
+#pragma unroll
+    for (int k = 0; k < kNumBatchSums; ++k) sums[k].add(other.sums[k]);
+    count += other.count;
+  }
 };
 
 template <typename scalar_t, typename acc_t>
 struct ForwardArgs : RowInputs<scalar_t, acc_t> {
   acc_t* row_stats;  // [B, kNumRowStats]
   acc_t* loss_rows;  // [B] for reduction "none", else null
-  acc_t* partials;   // [gridDim.x, kNumPartials]
+  BlockPartial* partials;  // [gridDim.x]
 };
 
 // Thread 0's part of a merged row: its statistics, its loss for reduction
@@ -100,11 +106,10 @@ struct ForwardArgs : RowInputs<scalar_t, acc_t> {
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ void finish_row(const ForwardArgs<scalar_t, acc_t>& a, int64_t row,
                                            bool work, bool ignored, const RowState<acc_t>& state,
-                                           acc_t z_label, acc_t s_label,
-                                           acc_t (&parts)[kNumPartials]) {
+                                           acc_t z_label, acc_t t_label, BlockPartial& part) {
   acc_t out[kNumRowStats];
   if (work) {
-    row_finalize(state, z_label, s_label, a.p, out);
+    row_finalize(state, z_label, t_label, a.p, out);
   } else if (ignored) {
     row_ignored(out);
   } else {  // a bad label, reached only where kernel asserts are compiled out
@@ -116,36 +121,22 @@ __device__ __forceinline__ void finish_row(const ForwardArgs<scalar_t, acc_t>& a
   for (int k = 0; k < kNumRowStats; ++k) stats[k] = out[k];
   if (a.loss_rows != nullptr) a.loss_rows[row] = out[kRowLoss];
   if (!ignored) {
-    parts[kPartLoss] += out[kRowLoss];
-    parts[kPartCeVis] += out[kRowCeVis];
-    parts[kPartKlRef] += out[kRowKlRef];
-    parts[kPartCeTxt] += out[kRowCeTxt];
-    parts[kPartCount] += acc_t(1);
+    add_row(part.sums, out);
+    part.count += 1;
   }
 }
 
 // Writes the block's partial: its row groups' sums, added in group order.
-template <typename acc_t, int RPB>
-__device__ __forceinline__ void write_block_partial(const acc_t (&parts)[kNumPartials], int group,
-                                                    int t, acc_t* partials) {
-  __shared__ acc_t group_parts[RPB][kNumPartials];
-  if (t == 0) {
-#pragma unroll
-    for (int k = 0; k < kNumPartials; ++k) group_parts[group][k] = parts[k];
-  }
+template <int RPB>
+__device__ __forceinline__ void write_block_partial(const BlockPartial& part, int group, int t,
+                                                    BlockPartial* partials) {
+  __shared__ BlockPartial group_parts[RPB];
+  if (t == 0) group_parts[group] = part;
   __syncthreads();
   if (threadIdx.x == 0) {
-    acc_t block_parts[kNumPartials];
-#pragma unroll
-    for (int k = 0; k < kNumPartials; ++k) block_parts[k] = group_parts[0][k];
-    for (int g = 1; g < RPB; ++g) {
-#pragma unroll
-      for (int k = 0; k < kNumPartials; ++k) block_parts[k] += group_parts[g][k];
-    }
-#pragma unroll
-    for (int k = 0; k < kNumPartials; ++k) {
-      partials[int64_t(blockIdx.x) * kNumPartials + k] = block_parts[k];
-    }
+    BlockPartial block = group_parts[0];
+    for (int g = 1; g < RPB; ++g) block.add(group_parts[g]);
+    partials[blockIdx.x] = block;
   }
 }
 
@@ -158,7 +149,7 @@ __global__ void __launch_bounds__(TPR * RPB)
   const int group = threadIdx.x / TPR;
   const int t = threadIdx.x % TPR;
   const int C = static_cast<int>(a.C);  // at most kMaxColumns (check_cuda_tensors)
-  acc_t parts[kNumPartials] = {};  // sums over this row group's rows, in row order
+  BlockPartial part = {};  // sums over this row group's rows, in row order
 
   for (int64_t first_row = int64_t(blockIdx.x) * RPB; first_row < a.B;
        first_row += int64_t(gridDim.x) * RPB) {
@@ -174,63 +165,44 @@ __global__ void __launch_bounds__(TPR * RPB)
 
     RowState<acc_t> state = row_state_empty<acc_t>();
     acc_t z_label = 0;
-    acc_t s_label = 0;
+    acc_t t_label = 0;
     if (work) {
       const scalar_t* vis_row = a.vis + row * a.vis_stride;
       const scalar_t* txt_row = a.txt + row * a.txt_stride;
       if (t == 0) {  // loaded before the sweep, which then hides its latency
         z_label = static_cast<acc_t>(vis_row[label]);
-        s_label = static_cast<acc_t>(txt_row[label]) * a.p.inv_tau;
+        t_label = static_cast<acc_t>(txt_row[label]);
       }
-      state = thread_row_state<scalar_t, acc_t, TPR>(vis_row, txt_row, C, t, a.p.inv_tau);
+      state = thread_row_state<scalar_t, acc_t, TPR>(vis_row, txt_row, C, t, a.p);
     }
-    state = group_merge<acc_t, TPR, RPB>(state, group, t);
-    if (active && t == 0) finish_row(a, row, work, ignored, state, z_label, s_label, parts);
+    state = group_merge<acc_t, TPR, RPB>(state, group, t, a.p);
+    if (active && t == 0) finish_row(a, row, work, ignored, state, z_label, t_label, part);
   }
-  write_block_partial<acc_t, RPB>(parts, group, t, a.partials);
+  write_block_partial<RPB>(part, group, t, a.partials);
 }
 
 constexpr int kFinishThreads = 256;
 
-// Sums the forward's per-block partials in a fixed tree and writes the loss
-// (for "mean" and "sum") and batch_stats. The row count is summed as an
-// integer, so it is exact for any batch.
+// Adds the forward's per-block partials in a fixed tree and writes the loss
+// (for "mean" and "sum") and batch_stats. The row count is an integer, so it
+// is exact for any batch.
 template <typename acc_t>
 __global__ void __launch_bounds__(kFinishThreads)
-    tes_finish_kernel(const acc_t* __restrict__ partials, int num_partials, int64_t reduction,
-                      acc_t* __restrict__ loss, acc_t* __restrict__ batch_stats) {
-  constexpr int kNumSums = kPartCount;
-  __shared__ acc_t sums[kNumSums][kFinishThreads];
-  __shared__ long long counts[kFinishThreads];
+    tes_finish_kernel(const BlockPartial* __restrict__ partials, int num_partials,
+                      int64_t reduction, acc_t* __restrict__ loss,
+                      acc_t* __restrict__ batch_stats) {
+  __shared__ BlockPartial tree[kFinishThreads];
   const int tid = threadIdx.x;
-
-  acc_t sum[kNumSums] = {};
-  long long count = 0;
-  for (int i = tid; i < num_partials; i += kFinishThreads) {
-    const acc_t* part = partials + int64_t(i) * kNumPartials;
-#pragma unroll
-    for (int k = 0; k < kNumSums; ++k) sum[k] += part[k];
-    count += static_cast<long long>(part[kPartCount]);
-  }
-#pragma unroll
-  for (int k = 0; k < kNumSums; ++k) sums[k][tid] = sum[k];
-  counts[tid] = count;
+  BlockPartial sum = {};
+  for (int i = tid; i < num_partials; i += kFinishThreads) sum.add(partials[i]);
+  tree[tid] = sum;
   __syncthreads();
   for (int half = kFinishThreads / 2; half > 0; half /= 2) {
-    if (tid < half) {
-#pragma unroll
-      for (int k = 0; k < kNumSums; ++k) sums[k][tid] += sums[k][tid + half];
-      counts[tid] += counts[tid + half];
-    }
+    if (tid < half) tree[tid].add(tree[tid + half]);
     __syncthreads();
   }
   if (tid == 0) {
-    acc_t row_sums[kNumRowStats] = {};
-    row_sums[kRowLoss] = sums[kPartLoss][0];
-    row_sums[kRowCeVis] = sums[kPartCeVis][0];
-    row_sums[kRowKlRef] = sums[kPartKlRef][0];
-    row_sums[kRowCeTxt] = sums[kPartCeTxt][0];
-    batch_finalize(row_sums, static_cast<acc_t>(counts[0]), reduction,
+    batch_finalize(tree[0].sums, static_cast<int64_t>(tree[0].count), reduction,
                    reduction == kReduceNone ? nullptr : loss, batch_stats);
   }
 }
@@ -311,15 +283,15 @@ void tes_loss_forward_cuda(const ForwardTensors& t, const Params& params) {
         args.partials = nullptr;
 
         int num_partials = 0;
-        at::Tensor partials;
+        at::Tensor partials;  // bytes holding num_partials BlockPartials
         with_row_shape(tpr, [&](auto threads, auto rows) {
           constexpr int TPR = decltype(threads)::value;
           constexpr int RPB = decltype(rows)::value;
           num_partials = row_blocks(B, RPB, TPR * RPB, device);
-          partials = at::empty({int64_t(num_partials), int64_t(kNumPartials)},
-                               t.row_stats.options());
+          partials = at::empty({int64_t(num_partials) * int64_t(sizeof(BlockPartial))},
+                               t.row_stats.options().dtype(at::kByte));
           if (num_partials == 0) return;  // B == 0: the finish kernel alone gives the empty sums
-          args.partials = partials.mutable_data_ptr<acc_t>();
+          args.partials = reinterpret_cast<BlockPartial*>(partials.mutable_data_ptr());
           tes_forward_kernel<scalar_t, acc_t, TPR, RPB>
               <<<num_partials, TPR * RPB, 0, stream>>>(args);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
