@@ -132,8 +132,13 @@ def _check_number(name, value, expected, ok):
             isinstance(value, bool) or not isinstance(value, numbers.Real)):
         raise TypeError(f"fused_tes_loss: {name} must be {expected} (a Python number), "
                         f"got {type(value).__name__}")
-    if not ok(float(value)):  # nan fails every comparison
-        raise ValueError(f"fused_tes_loss: {name} must be {expected}, got {value!r}")
+    try:
+        number = float(value)
+    except OverflowError:  # an int past float's range
+        number = math.inf if value > 0 else -math.inf
+    if not ok(number):  # nan fails every comparison
+        shown = repr(value) if len(repr(value)) <= 40 else f"{repr(value)[:20]}... ({number})"
+        raise ValueError(f"fused_tes_loss: {name} must be {expected}, got {shown}")
 
 
 _warned_fallback = set()
@@ -155,6 +160,11 @@ def _fallback(vis_logits, txt_logits, target, **kwargs):
         _check_labels(target, vis_logits.shape[1], kwargs["ignore_index"])
     from .reference import tes_loss
 
+    # What the compiled op returns: the loss in the accumulation dtype (fp32 for half
+    # types), and exact zero gradients for ignored rows, whatever their logits hold.
+    acc = torch.float64 if vis_logits.dtype == torch.float64 else torch.float32
+    rows = (target != kwargs["ignore_index"])[:, None]
+    vis_logits, txt_logits = (torch.where(rows, x.to(acc), 0) for x in (vis_logits, txt_logits))
     return tes_loss(vis_logits, txt_logits, target, **kwargs)
 
 
