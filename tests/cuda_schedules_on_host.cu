@@ -38,17 +38,19 @@ namespace {
 // every lane merges its state with lane ^ mask's, all lanes in the same round;
 // with more than a warp per row, thread 0 then merges the warps' first lanes.
 template <typename acc_t>
-RowState<acc_t> group_merge(std::vector<RowState<acc_t>> lanes) {
+RowState<acc_t> group_merge(std::vector<RowState<acc_t>> lanes, const RowParams<acc_t>& p) {
   const int tpr = static_cast<int>(lanes.size());
   const int width = tpr < 32 ? tpr : 32;
   for (int mask = width / 2; mask > 0; mask /= 2) {
     const std::vector<RowState<acc_t>> before = lanes;
     for (int lane = 0; lane < tpr; ++lane) {
-      lanes[lane] = row_state_merge(before[lane], before[lane ^ mask]);
+      lanes[lane] = row_state_merge(before[lane], before[lane ^ mask], p);
     }
   }
   RowState<acc_t> state = lanes[0];
-  for (int warp = 1; warp < tpr / 32; ++warp) state = row_state_merge(state, lanes[warp * 32]);
+  for (int warp = 1; warp < tpr / 32; ++warp) {
+    state = row_state_merge(state, lanes[warp * 32], p);
+  }
   return state;
 }
 
@@ -71,10 +73,10 @@ int forward_rows(const Rows& in, void* row_stats_out) {
     const auto* txt = static_cast<const scalar_t*>(in.txt) + row * in.txt_stride;
     std::vector<RowState<acc_t>> lanes(TPR);
     for (int t = 0; t < TPR; ++t) {
-      lanes[t] = thread_row_state<scalar_t, acc_t, TPR>(vis, txt, in.C, t, p.inv_tau);
+      lanes[t] = thread_row_state<scalar_t, acc_t, TPR>(vis, txt, in.C, t, p);
     }
-    row_finalize(group_merge(lanes), static_cast<acc_t>(vis[label]),
-                 static_cast<acc_t>(txt[label]) * p.inv_tau, p, out);
+    row_finalize(group_merge(lanes, p), static_cast<acc_t>(vis[label]),
+                 static_cast<acc_t>(txt[label]), p, out);
   }
   return kOk;
 }

@@ -99,6 +99,14 @@ BAD_PARAMETERS = [
     ("ignore_index", 1.5, TypeError, "ignore_index must be an int, got 1.5"),
     ("reduction", "avg", ValueError, "reduction must be one of ['none', 'mean', 'sum'], "
                                      "got 'avg'"),
+    ("reduction", ["mean"], ValueError, "got ['mean']"),
+    # Past float's range: named, not an OverflowError from float().
+    ("tau", 10**400, ValueError, "tau must be a finite number > 0, got 1000000000"),
+    ("lambda_v", 10**400, ValueError, "lambda_v must be a number in [0, 1], got 1000000000"),
+    ("lambda_t", 10**400, ValueError, "lambda_t must be a finite number >= 0, got 1000000000"),
+    ("lambda_t", -10**400, ValueError, "got -1000000000"),
+    # 1 / tau must be finite in the accumulation type (fp32 here): the compiled op's check.
+    ("tau", 1e-40, RuntimeError, "tau must be at least 4.2397e-39 for Float logits"),
 ]
 
 
@@ -112,8 +120,9 @@ def test_bad_parameters(name, value, error, words):
 # The values among BAD_PARAMETERS that the raw ops can be given (Python numbers of
 # the schema's types): the compiled op's own table must refuse each of them too.
 RAW_BAD_VALUES = [(name, value) for name, value, error, _ in BAD_PARAMETERS
-                  if error is ValueError and name != "reduction"] + [("reduction", 3),
-                                                                     ("reduction", -1)]
+                  if error is ValueError and name != "reduction"
+                  and not (isinstance(value, int) and abs(value) > 1e308)]
+RAW_BAD_VALUES += [("reduction", 3), ("reduction", -1)]
 
 
 @pytest.mark.parametrize("name, value", RAW_BAD_VALUES)

@@ -138,7 +138,7 @@ def run_schedules(schedules, case, tpr, count_writes=False):
 def check_against_reference(schedules, case, tpr, count_writes=False):
     dtype = case.vis_logits.dtype
     fused, writes = run_schedules(schedules, case, tpr, count_writes)
-    in_dtype = run(reference_tes_loss, case) if dtype in HALF_DTYPES else None
+    in_dtype = run(reference_tes_loss, case) if dtype != torch.float64 else None
     assert_matches_reference(case, dtype, fused, in_dtype, where=f", {tpr} threads per row")
     return writes
 

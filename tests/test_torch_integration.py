@@ -57,6 +57,38 @@ def test_gradcheck_float64_text_where_p_ref_is_not_in_the_forward(device, reduct
                                             reduction=reduction), (vis, txt))
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_gradgradcheck_float64(device, reduction):
+    # Second derivatives (create_graph=True, as in gradient penalties): of both
+    # logits where p_ref is not in the forward, and of the vision logits with it.
+    vis, txt, target = problem(device=device)
+    kwargs = dict(tau=0.5, lambda_t=0.7, reduction=reduction)
+    torch.autograd.gradgradcheck(
+        lambda v, t: tesloss.fused_tes_loss(v, t, target, lambda_v=0.0, **kwargs), (vis, txt))
+    torch.autograd.gradgradcheck(
+        lambda v: tesloss.fused_tes_loss(v, txt.detach(), target, lambda_v=0.3, **kwargs),
+        (vis,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_a_gradient_penalty_matches_the_recipe(device, dtype, reduction):
+    # The recipe's soft target is built under no_grad, so it is a constant at every
+    # order: the penalty's gradient has no term through p_ref inside q.
+    def penalty_grads(loss_fn):
+        vis, txt, target = problem(dtype=dtype, device=device, b=9, c=17)
+        loss = loss_fn(vis, txt, target, tau=0.2, lambda_v=0.3, lambda_t=0.6,
+                       reduction=reduction)
+        grad_vis, grad_txt = torch.autograd.grad(loss.sum(), (vis, txt), create_graph=True)
+        (grad_vis.square().sum() + (grad_txt * grad_txt.detach().sign()).sum()).backward()
+        return vis.grad, txt.grad
+
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    for ours, theirs in zip(penalty_grads(tesloss.fused_tes_loss),
+                            penalty_grads(reference_tes_loss)):
+        torch.testing.assert_close(ours, theirs, **tol)
+
+
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_opcheck_forward_and_backward(device, reduction, dtype):
@@ -145,3 +177,28 @@ def test_require_extension_turns_the_fallback_into_an_error(monkeypatch):
     vis, txt, target = problem()
     with pytest.raises(RuntimeError, match="TESLOSS_REQUIRE_EXTENSION is set.*pip install"):
         tesloss.fused_tes_loss(vis, txt, target)
+
+
+def test_the_fallback_returns_what_the_compiled_op_returns(monkeypatch):
+    # An fp32 loss for half-type logits, gradients in the logits' dtype, and exact
+    # zero gradients for ignored rows, whatever their logits hold.
+    monkeypatch.setattr(_ops, "has_kernel", lambda device: False)
+    monkeypatch.delenv("TESLOSS_REQUIRE_EXTENSION", raising=False)
+    for dtype in (torch.bfloat16, torch.float16):
+        vis, txt, target = problem(dtype=dtype)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loss = tesloss.fused_tes_loss(vis, txt, target)
+        loss.backward()
+        assert loss.dtype == torch.float32 and vis.grad.dtype == txt.grad.dtype == dtype
+    vis, txt, target = problem()
+    with torch.no_grad():
+        vis[1] = float("nan")  # row 1 is ignored
+        txt[1] = float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loss = tesloss.fused_tes_loss(vis, txt, target)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert torch.equal(vis.grad[1], torch.zeros_like(vis.grad[1]))
+    assert torch.equal(txt.grad[1], torch.zeros_like(txt.grad[1]))

@@ -1,0 +1,165 @@
+"""Where fused losses usually lose to the recipe they replace, on every device: long
+batch sums, confident rows, shifted logits, small tau with saturated text rows, huge
+logits. Each case is held to conftest's rule (at most twice the recipe's error in the
+same dtype, against a float64 truth); rows near zero loss have rules of their own.
+bench/bench_numerics.py prints the same regimes' figures.
+"""
+import math
+
+import pytest
+import torch
+from conftest import (ALL_DTYPES, FLOOR_ULPS, RULE_FACTOR, Case, check_against_reference,
+                      on_device)
+
+import tesloss
+from tesloss.reference import tes_loss as reference_tes_loss
+
+RECIPE = dict(tau=0.03, lambda_v=0.1, lambda_t=0.3, ignore_index=-100)
+
+
+def problem(batch, num_classes, seed=0, vis_scale=3.0, reduction="mean", **kwargs):
+    gen = torch.Generator().manual_seed(seed)
+    vis = torch.randn(batch, num_classes, generator=gen, dtype=torch.float64) * vis_scale
+    txt = torch.rand(batch, num_classes, generator=gen, dtype=torch.float64) * 2 - 1
+    target = torch.randint(0, num_classes, (batch,), generator=gen)
+    grad_out = (torch.randn(batch, generator=gen, dtype=torch.float64) if reduction == "none"
+                else torch.tensor(1.0, dtype=torch.float64))
+    return Case(vis, txt, target, grad_out, {**RECIPE, "reduction": reduction, **kwargs})
+
+
+def confident(case, vis_margin=20.0, txt_margin=0.5, every=1):
+    """Every `every`-th row made confident: its label's vision logit `vis_margin`
+    above the rest, its text logit `txt_margin` above (txt_margin / tau in s)."""
+    vis, txt = case.vis_logits.clone(), case.txt_logits.clone()
+    rows = torch.arange(0, len(vis), every)
+    labels = case.target[rows]
+    vis[rows, labels] = vis[rows].amax(1) + vis_margin
+    txt[rows, labels] = txt[rows].amax(1) + txt_margin
+    return Case(vis, txt, case.target, case.grad_out, case.kwargs)
+
+
+def offset(case, vis_offset=0.0, txt_offset=0.0, seed=1):
+    """Per-row constants added to the logits, in [0, offset): softmax ignores them."""
+    gen = torch.Generator().manual_seed(seed)
+    shift = [torch.rand(len(case.vis_logits), 1, generator=gen, dtype=torch.float64) * size
+             for size in (vis_offset, txt_offset)]
+    return Case(case.vis_logits + shift[0], case.txt_logits + shift[1], case.target,
+                case.grad_out, case.kwargs)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("shape", [(16384, 1000), (65536, 2), (2**20, 2)])
+def test_long_batch_sums(device, shape, reduction):
+    check_against_reference(problem(*shape, reduction=reduction), torch.float32, device)
+
+
+def test_the_mean_over_25_million_rows_is_the_row_loss(device):
+    # Equal rows, so the mean is one row's loss: a sum in fp32 one row after the
+    # other stops growing at 2^24 (the mean came out 1.0 instead of 0.90).
+    batch = 2**24 + 2**23
+    vis = torch.zeros(batch, 2, device=device)
+    target = torch.zeros(batch, dtype=torch.long, device=device)
+    row = reference_tes_loss(vis[:1].double().cpu(), vis[:1].double().cpu(), target[:1].cpu())
+    loss = tesloss.fused_tes_loss(vis, vis, target)
+    assert abs(loss.item() - row.item()) <= FLOOR_ULPS * torch.finfo(torch.float32).eps * row
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_batches_of_confident_and_ordinary_rows(device, dtype, reduction):
+    case = confident(problem(512, 100, seed=2, reduction=reduction), every=2)
+    check_against_reference(case, dtype, device)
+
+
+@pytest.mark.parametrize("tau", [0.03, 2**-5])
+def test_confident_rows_are_each_as_accurate_as_the_recipe(device, tau):
+    # Row by row: a confident row's loss is made of its small terms alone, which a
+    # formula that subtracts large ones loses. 2^-5 makes t / tau exact in the recipe.
+    case = confident(problem(512, 100, seed=3, reduction="none", tau=tau))
+    vis, txt, target = (on_device(x, device) for x in (case.vis_logits, case.txt_logits,
+                                                       case.target))
+    truth = reference_tes_loss(vis.double(), txt.double(), target, **case.kwargs)
+    fused = tesloss.fused_tes_loss(vis.float(), txt.float(), target, **case.kwargs)
+    recipe = reference_tes_loss(vis.float(), txt.float(), target, **case.kwargs)
+    eps = torch.finfo(torch.float32).eps
+    allowed = RULE_FACTOR * (recipe.double() - truth).abs() + FLOOR_ULPS * eps * truth.abs()
+    assert truth.max() < 1e-5, "the rows are confident"
+    bad = (fused.double() - truth).abs() > allowed
+    assert not bad.any(), f"{int(bad.sum())} of {len(bad)} rows: {fused[bad][:3]} vs {truth[bad][:3]}"
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+def test_every_row_loss_is_at_least_zero(device, dtype):
+    cases = [confident(problem(2048, 100, seed=4, reduction="none")),
+             confident(problem(2048, 100, seed=5, reduction="none", lambda_v=0.0, lambda_t=1.0),
+                       vis_margin=100.0, txt_margin=0.9),
+             offset(problem(2048, 1000, seed=6, reduction="none", lambda_v=1.0), 1e4, 100.0)]
+    for case in cases:
+        rows = tesloss.fused_tes_loss(on_device(case.vis_logits, device, dtype),
+                                      on_device(case.txt_logits, device, dtype),
+                                      case.target.to(device), **case.kwargs)
+        assert (rows >= 0).all(), f"{int((rows < 0).sum())} rows < 0, min {rows.min().item()}"
+
+
+def test_a_confident_row_is_zero_not_negative(device):
+    # Was -1.9e-6: lse - <p_ref, z> and the text term cancelled. The truth is 9.3e-14.
+    vis = torch.tensor([[100.0, 0.0]], device=device)
+    txt = torch.tensor([[0.9, 0.0]], device=device)
+    loss = tesloss.fused_tes_loss(vis, txt, torch.tensor([0], device=device), lambda_v=0.0,
+                                  lambda_t=1.0)
+    assert 0 <= loss.item() <= 1e-13
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("vis_offset, txt_offset, tau", [(1e4, 0.0, 0.03), (0.0, 100.0, 0.03),
+                                                         (0.0, 100.0, 2**-5), (1e4, 100.0, 0.1)])
+def test_shifted_logits(device, dtype, vis_offset, txt_offset, tau):
+    case = offset(problem(256, 1000, seed=7, reduction="none", tau=tau), vis_offset, txt_offset)
+    check_against_reference(case, dtype, device)
+
+
+def test_a_shift_leaves_cross_entropy_as_it_was(device):
+    # Was 0.31348, where F.cross_entropy gives 0.31326 (the truth).
+    vis = torch.tensor([[1e4, 1e4 - 1]], device=device)
+    target = torch.tensor([0], device=device)
+    ours = tesloss.fused_tes_loss(vis, vis, target, lambda_v=0.0, lambda_t=0.0)
+    assert ours.item() == torch.nn.functional.cross_entropy(vis, target).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tau", [1e-3, 1e-4])
+def test_small_tau_with_saturated_text_rows(device, dtype, tau):
+    case = problem(256, 100, seed=8, reduction="none", tau=tau)
+    txt = case.txt_logits.clamp(max=0.9)
+    txt[torch.arange(256), case.target] = 1.0  # the text argmax is the label
+    case = Case(case.vis_logits, txt, case.target, case.grad_out, case.kwargs)
+    check_against_reference(case, dtype, device)
+    # There the text gradient is about (lambda_t / tau) exp(-0.1 / tau) < 1e-40; it was
+    # -0.014 at tau = 1e-3, when the max class's exponent was not exactly 0.
+    vis, txt = (on_device(x, device, dtype).requires_grad_() for x in (case.vis_logits, txt))
+    tesloss.fused_tes_loss(vis, txt, case.target.to(device), **case.kwargs).sum().backward()
+    assert txt.grad.abs().max() < 1e-30
+
+
+@pytest.mark.parametrize("tau", [1e-9, 1e-30])
+def test_tied_text_logits_at_tiny_tau(device, tau):
+    # Was a loss of -3.6 at 1e-9 and nan at 1e-30: the max class's exponent was not 0.
+    vis = torch.tensor([[20.0, 0.0]], device=device, requires_grad=True)
+    txt = torch.tensor([[0.3, 0.3]], device=device, requires_grad=True)
+    loss = tesloss.fused_tes_loss(vis, txt, torch.tensor([0], device=device), tau=tau,
+                                  lambda_v=0.0, lambda_t=1.0)
+    loss.backward()
+    assert loss.item() == pytest.approx(math.log(2), rel=1e-6)
+    torch.testing.assert_close(txt.grad.cpu(), torch.tensor([[-0.5, 0.5]]) / tau)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_huge_logits_where_the_recipe_is_finite(device, dtype):
+    # Logits up to 1e38 (bf16: up to its max), so that |z| * C is far past the
+    # largest float while the spread of each row is not.
+    case = problem(64, 100, seed=9, reduction="none")
+    top = torch.finfo(torch.bfloat16).max if dtype == torch.bfloat16 else 1e38
+    vis = case.vis_logits.abs() / case.vis_logits.abs().amax() * top
+    case = Case(vis.to(dtype).double(), case.txt_logits, case.target, case.grad_out,
+                case.kwargs)
+    check_against_reference(case, dtype, device)
