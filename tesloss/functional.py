@@ -40,7 +40,8 @@ def fused_tes_loss(vis_logits, txt_logits, target, *, tau=0.03, lambda_v=0.1, la
             similarities), before division by ``tau``. A dtype that differs
             from ``vis_logits`` is promoted to the common one.
         target: [B] int64 class indices, or ``ignore_index``.
-        tau: temperature of the text logits, > 0.
+        tau: temperature of the text logits, > 0 (and 1 / tau finite in the
+            accumulation dtype: tau >= 4.2e-39 for fp32 accumulation).
         lambda_v: weight of the text reference in the soft target, in [0, 1].
         lambda_t: weight of the text cross-entropy, >= 0.
         ignore_index: rows with this target add 0 loss and 0 gradient.
@@ -51,7 +52,9 @@ def fused_tes_loss(vis_logits, txt_logits, target, *, tau=0.03, lambda_v=0.1, la
     Returns:
         The loss, float32 (float64 for float64 inputs); with ``return_parts``,
         ``(loss, parts)``. Gradients reach ``vis_logits`` and ``txt_logits``
-        in their own dtypes.
+        in their own dtypes, and are differentiable again
+        (``create_graph=True``), with ``q`` a constant as in the recipe. Each
+        row's loss is >= 0 and unchanged by a constant added to its logits.
     """
     _check(vis_logits, txt_logits, target, tau, lambda_v, lambda_t, ignore_index, reduction)
     if vis_logits.dtype != txt_logits.dtype:  # the kernels read one dtype

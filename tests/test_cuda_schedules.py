@@ -23,7 +23,7 @@ import subprocess
 
 import pytest
 import torch
-from conftest import (ALL_DTYPES, EDGE_CLASSES, HALF_DTYPES, ROW_LAYOUTS, TOLERANCES, assert_close,
+from conftest import (ALL_DTYPES, EDGE_CLASSES, ROW_LAYOUTS, TOLERANCES, assert_close,
                       assert_matches_reference, draw_case, edge_case, raw_params, run,
                       run_reference64, scales)
 from hypothesis import given, settings

@@ -109,7 +109,7 @@ RowState<acc_t> block_state(const scalar_t* vis, const scalar_t* txt, int64_t n,
   const Vec shift_vis(softmax_shift(max_vis)), shift_txt(softmax_shift(max_txt)), zero(0);
   const Vec gap_scale(static_cast<acc_t>(kCareful ? kGapScale : 1.0));
   const ScaledExp<acc_t> exp_vis(acc_t(1));  // exp(z - max z)
-  const TextExp<acc_t> exp_txt(p);            // exp((t - max t) / tau), accurately
+  const TextExp<acc_t, kCareful> exp_txt(p);  // exp((t - max t) / tau), accurately
   Vec sum_vis(0), sum_txt(0), gap_vis(0), gap_txt(0);
   const auto add = [&](const Vec& z, const Vec& t, int64_t lanes) {
     const Vec d_vis = z - shift_vis;  // <= 0

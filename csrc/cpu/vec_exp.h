@@ -17,6 +17,8 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "params.h"
@@ -24,8 +26,6 @@
 namespace tesloss {
 
 inline float tes_exp(float x) { return ::expf(x); }
-inline float tes_exp2(float x) { return ::exp2f(x); }
-inline float pow2i(int n) { return std::ldexp(1.0f, n); }  // 2^n
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 #define TESLOSS_VEC_EXP2 1
@@ -116,8 +116,11 @@ class ScaledExp<float> {
 
 // The forward's text weights exp(d / tau) for d = t - max t <= 0, as tes_loss.h's
 // text_exp computes them one at a time: exactly 1 at d = 0, and as accurate far
-// below the max as near it. d is first clamped to where the weight is exactly 0.
-template <typename T>
+// below the max as near it. kClamped first clamps d to where the weight is
+// exactly 0; without it, AVX-512 still gives 0 for any finite d (vscalefps
+// underflows), but d = -inf gives nan, which sends the block to the forward's
+// careful sum, where the clamp is on.
+template <typename T, bool kClamped>
 class TextExp {
  public:
   explicit TextExp(const RowParams<T>& p) : exp_(p.inv_tau) {}
@@ -128,14 +131,19 @@ class TextExp {
 };
 
 #if defined(TESLOSS_VEC_EXP2)
-template <>
-class TextExp<float> {
+template <bool kClamped>
+class TextExp<float, kClamped> {
  public:
   explicit TextExp(const RowParams<float>& p)
       : hi_(p.txt_exp_hi), lo_(p.txt_exp_lo), d_min_(kExp2Zero / p.txt_exp_hi) {}
   at::vec::Vectorized<float> operator()(const at::vec::Vectorized<float>& d_in) const {
     using Vec = at::vec::Vectorized<float>;
-    const Vec d = at::vec::maximum(d_in, d_min_);
+#if defined(CPU_CAPABILITY_AVX512)
+    constexpr bool kClamp = kClamped;
+#else
+    constexpr bool kClamp = true;  // times_pow2 needs n >= -127
+#endif
+    const Vec d = kClamp ? at::vec::clamp_min(d_in, d_min_) : d_in;  // a nan stays nan
     const Vec n = nearest(d * hi_);
     const Vec f = at::vec::fmadd(d, lo_, at::vec::fmsub(d, hi_, n));  // d (hi + lo) - n
     return times_pow2(exp2_poly(f), n);
@@ -144,6 +152,23 @@ class TextExp<float> {
  private:
   at::vec::Vectorized<float> hi_, lo_, d_min_;
 };
+
+// 2^f for |f| <= 1/2 and 2^n, one float at a time, inline (tes_loss.h's text_exp).
+inline float tes_exp2(float f) {
+  float p = kExp2Coefficients[0];
+  for (int k = 1; k < 7; ++k) p = std::fma(p, f, kExp2Coefficients[k]);
+  return p;
+}
+#else
+inline float tes_exp2(float f) { return ::exp2f(f); }
 #endif
+
+// 2^n for integral n in [-126, 127], from its bits.
+inline float pow2i(int n) {
+  const uint32_t bits = static_cast<uint32_t>(n + 127) << 23;
+  float out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
 
 }  // namespace tesloss
