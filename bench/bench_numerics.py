@@ -87,9 +87,9 @@ def confident_rows():
     truth = recipe(vis.double(), txt.double(), y, lambda_v=0.0, lambda_t=1.0).item()
     print(f"  vis=[[100,0]], txt=[[0.9,0]]: fused {got:.3e}, truth {truth:.3e}")
     vis, txt, y = random_logits(4096, 100, seed=1)
-    vis[torch.arange(4096), y] += 15  # the vision head is sure of the label
-    txt = txt.clamp(max=0.6)  # and so is the text head: s_y - s_c >= 0.4 / tau = 13
-    txt[torch.arange(4096), y] = 1.0
+    vis[torch.arange(4096), y] += 40  # the vision head is sure of the label
+    txt = txt.clamp(max=0.1)  # and so is the text head: s_y - s_c >= 0.8 / tau = 27
+    txt[torch.arange(4096), y] = 0.9
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         rows = tesloss.fused_tes_loss(vis.to(dtype), txt.to(dtype), y, reduction="none")
         print(f"  4096 confident rows, {str(dtype)[6:]:<8}: {int((rows < 0).sum())} rows < 0, "
