@@ -262,22 +262,21 @@ TESLOSS_HD GradRow<acc_t> grad_row(const RowParams<acc_t>& p, const acc_t* stats
 
 // Both gradients of one column, in acc_t until the one rounding to scalar_t.
 // The label's column takes p - 1 with p formed first, so a confident row's
-// small difference is not lost to the factors' rounding.
+// small difference is not lost to the factors' rounding. Both forms are
+// computed and one selected, without a branch: CUDA runs this on every
+// column of unrolled chunks, where a branch cost registers.
 template <typename scalar_t, typename acc_t>
 TESLOSS_HD void grad_column(scalar_t vis_in, scalar_t txt_in, bool is_label,
                             const GradRow<acc_t>& r, scalar_t& grad_vis, scalar_t& grad_txt) {
   const acc_t e_vis = tes_exp(static_cast<acc_t>(vis_in) - r.max_vis);
   const acc_t e_txt = tes_exp((static_cast<acc_t>(txt_in) - r.max_txt) * r.inv_tau);
-  if (!is_label) {
-    grad_vis = static_cast<scalar_t>(r.g_vis * e_vis - r.g_ref * e_txt);
-    grad_txt = static_cast<scalar_t>(r.g_txt * e_txt);
-    return;
-  }
   const acc_t p_v = e_vis * r.inv_sum_vis;
   const acc_t p_ref = e_txt * r.inv_sum_txt;
   // p_v - q = (p_v - 1) + lambda_v * (1 - p_ref): where a difference cancels it is exact.
-  grad_vis = static_cast<scalar_t>(r.g * ((p_v - acc_t(1)) + r.lambda_v * (acc_t(1) - p_ref)));
-  grad_txt = static_cast<scalar_t>(r.g * r.lambda_t_over_tau * (p_ref - acc_t(1)));
+  const acc_t label_vis = r.g * ((p_v - acc_t(1)) + r.lambda_v * (acc_t(1) - p_ref));
+  const acc_t label_txt = r.g * r.lambda_t_over_tau * (p_ref - acc_t(1));
+  grad_vis = static_cast<scalar_t>(is_label ? label_vis : r.g_vis * e_vis - r.g_ref * e_txt);
+  grad_txt = static_cast<scalar_t>(is_label ? label_txt : r.g_txt * e_txt);
 }
 
 // A sum over a batch's rows: fp64 with Neumaier's compensation, in a fixed

@@ -55,10 +55,12 @@ def device(request):
 # errs at most RULE_FACTOR times as much as the recipe computed in the inputs'
 # dtype with plain torch ops, plus a floor of FLOOR_ULPS units in the last place
 # of the output's dtype. An output's error is its largest elementwise error.
-# The floor's unit is the output's largest true value, and for the gradients at
-# least the largest upstream gradient g (times lambda_t / tau for the text
-# logits): every gradient is g times a difference of probabilities, which no
-# fp32 implementation resolves below ulps of g. float64 has no truth more
+# The floor's unit is the output's largest true value, and at least what the
+# output is resolved in: a row's loss holds log(sum_vis) + lambda_t *
+# log(sum_txt), each sum >= 1 and so rounded in ulps of 1, whence 1 + lambda_t
+# per row; every gradient is g times a difference of probabilities, resolved
+# in ulps of g, the largest upstream gradient (times lambda_t / tau for the
+# text logits). float64 has no truth more
 # precise than the recipe in float64 at hand, so there the floor is FLOOR_ULPS
 # units of float64 times the size of what rounding acts on (scales) instead.
 # Rows near zero loss, where this rule is loose, have rules of their own
@@ -284,16 +286,18 @@ def max_abs(x):
     return x.max().item() if x.numel() else 0.0
 
 
-def upstream_units(case):
-    """The largest |upstream gradient| g of a row, for the vision gradient, and
-    g * lambda_t / tau, for the text gradient."""
+def floor_units(case):
+    """What each output (loss, grad vis_logits, grad txt_logits) is resolved in: ulps
+    of 1 + lambda_t per row's loss (times the rows for "sum"), of g, the largest
+    |upstream gradient| of a row, and of g * lambda_t / tau."""
     reduction = case.kwargs["reduction"]
+    valid = int((case.target.cpu() != case.kwargs["ignore_index"]).sum())
     g = case.grad_out.double().abs().cpu()
     if reduction == "mean":
-        valid = case.target.cpu() != case.kwargs["ignore_index"]
-        g = g / max(int(valid.sum()), 1)
+        g = g / max(valid, 1)
     g = max_abs(g)
-    return g, g * case.kwargs["lambda_t"] / case.kwargs["tau"]
+    loss = (1 + case.kwargs["lambda_t"]) * (valid if reduction == "sum" else 1)
+    return loss, g, g * case.kwargs["lambda_t"] / case.kwargs["tau"]
 
 
 def assert_matches_reference(case, dtype, fused, in_dtype=None, where=""):
@@ -312,7 +316,7 @@ def assert_matches_reference(case, dtype, fused, in_dtype=None, where=""):
             tol = Tolerance(rtol=FLOOR_ULPS * eps, atol=FLOOR_ULPS * eps)
             assert_close(f, e, tol, torch.as_tensor(scale).cpu(), f"{name} ({dtype}{where})")
         return
-    units = (0.0, *upstream_units(case))
+    units = floor_units(case)
     for name, f, r, e, unit in zip(names, fused, [x.cpu() for x in in_dtype], exact, units):
         floor = FLOOR_ULPS * torch.finfo(f.dtype).eps * max(max_abs(e), unit)
         err, recipe_err = max_error(f, e), max_error(r, e)
