@@ -235,9 +235,10 @@ torch::autograd::variable_list double_backward(const at::Tensor& u_in, const at:
   const at::Tensor u = u_in.defined() ? u_in.to(acc) : at::zeros_like(z);
   const at::Tensor w = w_in.defined() ? w_in.to(acc) : at::zeros_like(z);
 
+  const at::Tensor num_valid = batch_stats.select(0, kBatchValid);
   const at::Tensor g_out = grad_loss.to(acc);
   at::Tensor g = p.reduction == kReduceNone ? g_out : g_out.expand({z.size(0)});
-  if (p.reduction == kReduceMean) g = g / batch_stats.select(0, kBatchValid);
+  if (p.reduction == kReduceMean) g = g / num_valid;
   g = at::where(valid, g, 0).unsqueeze(1);
 
   const double txt_scale = p.lambda_t / p.tau;
@@ -248,7 +249,7 @@ torch::autograd::variable_list double_backward(const at::Tensor& u_in, const at:
       valid, (u * (p_v - q)).sum(1) + txt_scale * (w * (p_ref - onehot)).sum(1), 0);
   at::Tensor grad_g = per_row;
   if (p.reduction == kReduceSum) grad_g = per_row.sum();
-  if (p.reduction == kReduceMean) grad_g = per_row.sum() / batch_stats.select(0, kBatchValid);
+  if (p.reduction == kReduceMean) grad_g = per_row.sum() / num_valid;
   return {grad_g.to(grad_loss.scalar_type()).reshape(grad_loss.sizes()),
           grad_z.to(vis_logits.scalar_type()), grad_t.to(txt_logits.scalar_type())};
 }

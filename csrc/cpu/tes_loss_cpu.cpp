@@ -79,6 +79,13 @@ inline acc_t lane_max(const Vectorized<acc_t>& v) {
       v);
 }
 
+// tes_loss.h's weighted(), lane by lane.
+template <typename T>
+inline Vectorized<T> weighted(const Vectorized<T>& e, const Vectorized<T>& x) {
+  const Vectorized<T> zero(T(0));
+  return Vectorized<T>::blendv(e * x, zero, e == zero);
+}
+
 template <typename acc_t>
 void check_label(int64_t label, int64_t row, int64_t num_classes, const RowParams<acc_t>& p) {
   TORCH_CHECK_INDEX(is_ignored(label, p) || is_valid_label<acc_t>(label, num_classes),
@@ -122,10 +129,10 @@ RowState<acc_t> block_state(const scalar_t* vis, const scalar_t* txt, int64_t n,
     }
     sum_vis += e_vis;
     sum_txt += e;
-    if constexpr (kCareful) {
+    if constexpr (kCareful) {  // as chunk_state does it on CUDA
       const Vec w = e * gap_scale;
-      gap_vis = Vec::blendv(gap_vis - w * d_vis, gap_vis, w == zero);
-      gap_txt = Vec::blendv(gap_txt - w * d_txt, gap_txt, w == zero);
+      gap_vis -= weighted(w, d_vis);
+      gap_txt -= weighted(w, d_txt);
     } else {
       gap_vis = at::vec::fnmadd(e, d_vis, gap_vis);
       gap_txt = at::vec::fnmadd(e, d_txt, gap_txt);
