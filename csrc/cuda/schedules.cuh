@@ -118,8 +118,34 @@ TESLOSS_HD RowState<acc_t> chunk_state(const acc_t (&z)[N], const acc_t (&t)[N],
   return RowState<acc_t>{max_vis, sum_vis, max_txt, sum_txt, gap_vis, gap_txt};
 }
 
-// One chunk of whole packs: packs first + t + u * TPR for u < kPacks, so each
-// load instruction of a warp covers consecutive memory.
+// Loads one chunk of whole packs of both logits, packs first + t + u * TPR for
+// u < kPacks, so each load instruction of a warp covers consecutive memory; all
+// loads come before any arithmetic, so they are in flight together. With
+// kChecked, packs past num_packs are left out, and set to zeros where kZeroed
+// (the forward reads every pack's lanes; the backward skips those packs, and
+// zeroing them there costs registers: sm_90 bf16 backward spills).
+template <bool kChecked, bool kZeroed, int TPR, typename scalar_t, int kPacks>
+TESLOSS_HD void load_chunk_packs(const scalar_t* __restrict__ vis,
+                                 const scalar_t* __restrict__ txt, int num_packs, int first,
+                                 int t, PackOf<scalar_t> (&vis_in)[kPacks],
+                                 PackOf<scalar_t> (&txt_in)[kPacks]) {
+  using PackT = PackOf<scalar_t>;
+  const PackT* vis_packs = as_packs(vis);
+  const PackT* txt_packs = as_packs(txt);
+#pragma unroll
+  for (int u = 0; u < kPacks; ++u) {
+    const int index = first + t + u * TPR;
+    if (!kChecked || index < num_packs) {
+      vis_in[u] = vis_packs[index];
+      txt_in[u] = txt_packs[index];
+    } else if (kZeroed) {
+      vis_in[u] = PackT{};
+      txt_in[u] = PackT{};
+    }
+  }
+}
+
+// The statistics of one chunk of whole packs.
 template <bool kChecked, typename scalar_t, typename acc_t, int TPR>
 TESLOSS_HD RowState<acc_t> pack_chunk_state(const scalar_t* __restrict__ vis,
                                             const scalar_t* __restrict__ txt, int num_packs,
@@ -128,22 +154,9 @@ TESLOSS_HD RowState<acc_t> pack_chunk_state(const scalar_t* __restrict__ vis,
   constexpr int kPacks = kChunk<scalar_t> / kPack;
   constexpr acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   using PackT = PackOf<scalar_t>;
-  const PackT* vis_packs = as_packs(vis);
-  const PackT* txt_packs = as_packs(txt);
   PackT vis_in[kPacks];
   PackT txt_in[kPacks];
-  // All loads before any arithmetic, so they are in flight together.
-#pragma unroll
-  for (int u = 0; u < kPacks; ++u) {
-    const int index = first + t + u * TPR;
-    if (!kChecked || index < num_packs) {
-      vis_in[u] = vis_packs[index];
-      txt_in[u] = txt_packs[index];
-    } else {
-      vis_in[u] = PackT{};
-      txt_in[u] = PackT{};
-    }
-  }
+  load_chunk_packs<kChecked, true, TPR>(vis, txt, num_packs, first, t, vis_in, txt_in);
   acc_t z[kChunk<scalar_t>];
   acc_t txt_acc[kChunk<scalar_t>];
 #pragma unroll
@@ -208,6 +221,7 @@ TESLOSS_HD RowState<acc_t> thread_row_state(const scalar_t* __restrict__ vis,
   return state;
 }
 
+// Both gradients of one chunk of whole packs, each pack written once.
 template <bool kChecked, typename scalar_t, typename acc_t, int TPR>
 TESLOSS_HD void pack_chunk_grad(const scalar_t* __restrict__ vis, const scalar_t* __restrict__ txt,
                                 scalar_t* __restrict__ grad_vis, scalar_t* __restrict__ grad_txt,
@@ -216,18 +230,9 @@ TESLOSS_HD void pack_chunk_grad(const scalar_t* __restrict__ vis, const scalar_t
   constexpr int kPack = kPackBytes / sizeof(scalar_t);
   constexpr int kPacks = kChunk<scalar_t> / kPack;
   using PackT = PackOf<scalar_t>;
-  const PackT* vis_packs = as_packs(vis);
-  const PackT* txt_packs = as_packs(txt);
   PackT vis_in[kPacks];
   PackT txt_in[kPacks];
-#pragma unroll
-  for (int u = 0; u < kPacks; ++u) {
-    const int index = first + t + u * TPR;
-    if (!kChecked || index < num_packs) {
-      vis_in[u] = vis_packs[index];
-      txt_in[u] = txt_packs[index];
-    }
-  }
+  load_chunk_packs<kChecked, false, TPR>(vis, txt, num_packs, first, t, vis_in, txt_in);
 #pragma unroll
   for (int u = 0; u < kPacks; ++u) {
     const int index = first + t + u * TPR;
