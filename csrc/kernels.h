@@ -6,6 +6,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <type_traits>
+
 #include "params.h"
 
 namespace tesloss {
@@ -13,7 +15,8 @@ namespace tesloss {
 struct ForwardTensors {
   at::Tensor vis_logits;   // [B, C], class stride 1; rows may be strided
   at::Tensor txt_logits;   // [B, C], vis_logits' dtype, class stride 1
-  at::Tensor target;       // [B] int64, any stride
+  at::Tensor target;       // [B] int64, any stride; or [B, C] probabilities in the
+                           // accumulation type, class stride 1
   at::Tensor loss;         // out: [B] for reduction none, else [], accumulation type
   at::Tensor row_stats;    // out: [B, kNumRowStats], contiguous, accumulation type
   at::Tensor batch_stats;  // out: [kNumBatchStats], accumulation type
@@ -30,15 +33,30 @@ struct BackwardTensors {
   at::Tensor grad_txt;     // out: [B, C], contiguous, the logits' dtype
 };
 
-// What both passes read of the rows, as the kernels index them.
+// The kernels read rows through a row stride; only the class stride must be 1.
+inline at::Tensor with_unit_class_stride(const at::Tensor& rows) {
+  return (rows.size(1) <= 1 || rows.stride(1) == 1) ? rows : rows.contiguous();
+}
+
+// The target as the kernels read it: class indices as they are; class
+// probabilities in the accumulation type (a copy, for another dtype), class
+// stride 1.
+inline at::Tensor kernel_target(const at::Tensor& target, at::ScalarType acc) {
+  if (target.dim() == 1) return target;
+  return with_unit_class_stride(target.scalar_type() == acc ? target : target.to(acc));
+}
+
+// What both passes read of the rows, as the kernels index them. A target is
+// either labels (a class index per row) or probs (a row of probabilities).
 template <typename scalar_t, typename acc_t>
 struct RowInputs {
   const scalar_t* vis;
   const scalar_t* txt;
-  const int64_t* labels;
+  const int64_t* labels;  // null for probability targets
+  const acc_t* probs;     // null for class indices
   int64_t vis_stride;
   int64_t txt_stride;
-  int64_t label_stride;
+  int64_t target_stride;  // between labels, or between rows of probs
   int64_t B;
   int64_t C;
   RowParams<acc_t> p;
@@ -47,15 +65,32 @@ struct RowInputs {
 // From ForwardTensors or BackwardTensors.
 template <typename scalar_t, typename acc_t, typename Tensors>
 RowInputs<scalar_t, acc_t> row_inputs(const Tensors& t, const Params& params) {
-  return RowInputs<scalar_t, acc_t>{t.vis_logits.template const_data_ptr<scalar_t>(),
-                                    t.txt_logits.template const_data_ptr<scalar_t>(),
-                                    t.target.template const_data_ptr<int64_t>(),
-                                    t.vis_logits.stride(0),
-                                    t.txt_logits.stride(0),
-                                    t.target.stride(0),
-                                    t.vis_logits.size(0),
-                                    t.vis_logits.size(1),
-                                    row_params<acc_t>(params)};
+  const bool probs = t.target.dim() == 2;
+  return RowInputs<scalar_t, acc_t>{
+      t.vis_logits.template const_data_ptr<scalar_t>(),
+      t.txt_logits.template const_data_ptr<scalar_t>(),
+      probs ? nullptr : t.target.template const_data_ptr<int64_t>(),
+      probs ? t.target.template const_data_ptr<acc_t>() : nullptr,
+      t.vis_logits.stride(0),
+      t.txt_logits.stride(0),
+      t.target.stride(0),
+      t.vis_logits.size(0),
+      t.vis_logits.size(1),
+      row_params<acc_t>(params, t.vis_logits.size(1))};
+}
+
+// Calls f(std::integral_constant<int, kind>) for the target's TargetKind, so
+// that each kernel is compiled once per kind and the published recipe's
+// (kIndexTarget) carries nothing of the others.
+template <typename F>
+void with_target_kind(const at::Tensor& target, const Params& params, F&& f) {
+  if (target.dim() == 2) {
+    f(std::integral_constant<int, kProbTarget>{});
+  } else if (params.label_smoothing != 0) {
+    f(std::integral_constant<int, kSmoothedIndexTarget>{});
+  } else {
+    f(std::integral_constant<int, kIndexTarget>{});
+  }
 }
 
 // The accumulation dtype of logits of dtype t (params.h's acc_t_of).

@@ -72,10 +72,15 @@ void check_forward_tensors(const at::Tensor& vis_logits, const at::Tensor& txt_l
   TORCH_CHECK(txt_logits.scalar_type() == vis_logits.scalar_type(),
               "fused_tes_loss: txt_logits must have the dtype of vis_logits (",
               vis_logits.scalar_type(), "), got ", txt_logits.scalar_type());
-  TORCH_CHECK(target.scalar_type() == at::kLong && target.dim() == 1 &&
-                  target.size(0) == vis_logits.size(0),
-              "fused_tes_loss: target must be int64 of shape [B]=[", vis_logits.size(0),
-              "], got ", target.scalar_type(), " of shape ", target.sizes());
+  const int64_t B = vis_logits.size(0);
+  const int64_t C = vis_logits.size(1);
+  const bool indices = target.scalar_type() == at::kLong && target.dim() == 1 &&
+                       target.size(0) == B;
+  const bool probs = at::isFloatingType(target.scalar_type()) && target.dim() == 2 &&
+                     target.size(0) == B && target.size(1) == C;
+  TORCH_CHECK(indices || probs, "fused_tes_loss: target must be int64 class indices of shape [B]=[",
+              B, "] or floating class probabilities of shape [B, C]=[", B, ", ", C, "], got ",
+              target.scalar_type(), " of shape ", target.sizes());
   TORCH_CHECK(vis_logits.device() == txt_logits.device() && vis_logits.device() == target.device(),
               "fused_tes_loss: vis_logits, txt_logits and target must be on one device, got ",
               vis_logits.device(), ", ", txt_logits.device(), " and ", target.device());
@@ -106,12 +111,6 @@ void check_backward_tensors(const at::Tensor& grad_loss, const at::Tensor& vis_l
   }
 }
 
-// The kernels read rows through a row stride; only the class stride must be 1.
-at::Tensor with_unit_class_stride(const at::Tensor& logits) {
-  return (logits.size(1) <= 1 || logits.stride(1) == 1) ? logits : logits.contiguous();
-}
-
-
 // The one parameter check that depends on the dtype: the kernels scale by
 // 1 / tau (times log2 e) in the accumulation type.
 void check_tau(const char* op, double tau, at::ScalarType dtype) {
@@ -129,7 +128,7 @@ ForwardTensors prepare_forward(const at::Tensor& vis_logits, const at::Tensor& t
   const auto acc = vis_logits.options().dtype(acc_scalar_type(vis_logits.scalar_type()));
   return ForwardTensors{with_unit_class_stride(vis_logits),
                         with_unit_class_stride(txt_logits),
-                        target,
+                        kernel_target(target, acc.dtype().toScalarType()),
                         p.reduction == kReduceNone ? at::empty({B}, acc) : at::empty({}, acc),
                         at::empty({B, kNumRowStats}, acc),
                         at::empty({kNumBatchStats}, acc)};
@@ -154,7 +153,7 @@ BackwardTensors prepare_backward(c10::ArrayRef<c10::IValue> tensors, const Param
   return BackwardTensors{as_acc(grad_loss),
                          with_unit_class_stride(vis_logits),
                          with_unit_class_stride(txt_logits),
-                         target,
+                         kernel_target(target, acc),
                          as_acc(row_stats).contiguous(),
                          as_acc(batch_stats).contiguous(),
                          at::empty(vis_logits.sizes(), vis_logits.options()),
@@ -209,16 +208,18 @@ const c10::OperatorHandle& backward_op() {
 }
 
 // The gradient of the backward op's outputs, for double backward (gradient
-// penalties): with g_i a row's upstream gradient, u and w what reaches
-// grad_vis and grad_txt, p_v = softmax(z) and p_ref = softmax(t / tau),
-//   d/dz       = g_i * p_v * (u - <p_v, u>)
-//   d/dt       = g_i * lambda_t / tau^2 * p_ref * (w - <p_ref, w>)
-//   d/dg_i     = <u, p_v - q> + lambda_t / tau * <w, p_ref - onehot>
+// penalties): with g_i a row's upstream gradient, u and v what reaches
+// grad_vis and grad_txt, p_v = softmax(z), p_ref = softmax(t / tau), and the
+// smoothed targets w' = (1 - eps) q + eps / C and Y' = (1 - eps) Y + eps / C
+// (tes_loss.h),
+//   d/dz       = g_i * sum(w') * p_v * (u - <p_v, u>)
+//   d/dt       = g_i * lambda_t / tau^2 * sum(Y') * p_ref * (v - <p_ref, v>)
+//   d/dg_i     = <u, sum(w') p_v - w'> + lambda_t / tau * <v, sum(Y') p_ref - Y'>
 // and d/dgrad_loss from d/dg_i through the reduction. The soft target q is a
 // constant here as in the forward (the recipe builds it under no_grad), so
 // grad_vis has no derivative in t. Written in ATen ops, so it is
 // differentiable in turn; ignored rows get exact zeros.
-torch::autograd::variable_list double_backward(const at::Tensor& u_in, const at::Tensor& w_in,
+torch::autograd::variable_list double_backward(const at::Tensor& u_in, const at::Tensor& v_in,
                                                const at::Tensor& grad_loss,
                                                const at::Tensor& vis_logits,
                                                const at::Tensor& txt_logits,
@@ -226,14 +227,17 @@ torch::autograd::variable_list double_backward(const at::Tensor& u_in, const at:
                                                const at::Tensor& batch_stats, const Params& p) {
   const auto acc = acc_scalar_type(vis_logits.scalar_type());
   const at::Tensor z = vis_logits.to(acc);
-  const at::Tensor valid = target != p.ignore_index;
+  const bool probs = target.dim() == 2;
+  const at::Tensor valid = probs ? at::ones({z.size(0)}, z.options().dtype(at::kBool))
+                                 : target != p.ignore_index;
   const at::Tensor rows = valid.unsqueeze(1);
-  const at::Tensor label = at::where(valid, target, 0).unsqueeze(1);
-  const at::Tensor onehot = at::zeros_like(z).scatter_(1, label, 1.0);
+  const at::Tensor y = probs ? target.to(acc)
+                             : at::zeros_like(z).scatter_(
+                                   1, at::where(valid, target, 0).unsqueeze(1), 1.0);
   const at::Tensor p_v = at::where(rows, z, 0).softmax(1);
   const at::Tensor p_ref = at::where(rows, txt_logits.to(acc) / p.tau, 0).softmax(1);
   const at::Tensor u = u_in.defined() ? u_in.to(acc) : at::zeros_like(z);
-  const at::Tensor w = w_in.defined() ? w_in.to(acc) : at::zeros_like(z);
+  const at::Tensor v = v_in.defined() ? v_in.to(acc) : at::zeros_like(z);
 
   const at::Tensor num_valid = batch_stats.select(0, kBatchValid);
   const at::Tensor g_out = grad_loss.to(acc);
@@ -241,12 +245,21 @@ torch::autograd::variable_list double_backward(const at::Tensor& u_in, const at:
   if (p.reduction == kReduceMean) g = g / num_valid;
   g = at::where(valid, g, 0).unsqueeze(1);
 
+  const double eps = p.label_smoothing;
+  const double uniform = eps / static_cast<double>(z.size(1));
   const double txt_scale = p.lambda_t / p.tau;
-  const at::Tensor q = p.lambda_v * p_ref + (1 - p.lambda_v) * onehot;
-  const at::Tensor grad_z = g * p_v * (u - (p_v * u).sum(1, true));
-  const at::Tensor grad_t = g * (txt_scale / p.tau) * p_ref * (w - (p_ref * w).sum(1, true));
-  const at::Tensor per_row = at::where(
-      valid, (u * (p_v - q)).sum(1) + txt_scale * (w * (p_ref - onehot)).sum(1), 0);
+  const at::Tensor w_vis = (1 - eps) * (p.lambda_v * p_ref + (1 - p.lambda_v) * y) + uniform;
+  const at::Tensor w_txt = (1 - eps) * y + uniform;
+  const at::Tensor vis_mass = w_vis.sum(1, true);
+  const at::Tensor txt_mass = w_txt.sum(1, true);
+  const at::Tensor grad_z = g * vis_mass * p_v * (u - (p_v * u).sum(1, true));
+  const at::Tensor grad_t =
+      g * (txt_scale / p.tau) * txt_mass * p_ref * (v - (p_ref * v).sum(1, true));
+  const at::Tensor per_row =
+      at::where(valid,
+                (u * (vis_mass * p_v - w_vis)).sum(1) +
+                    txt_scale * (v * (txt_mass * p_ref - w_txt)).sum(1),
+                0);
   at::Tensor grad_g = per_row;
   if (p.reduction == kReduceSum) grad_g = per_row.sum();
   if (p.reduction == kReduceMean) grad_g = per_row.sum() / num_valid;
@@ -324,6 +337,11 @@ void autograd_forward(const c10::OperatorHandle&, Stack* stack) {
   constexpr size_t kArgs = kForwardTensorArgs + kNumParams;
   const auto args = torch::jit::last(*stack, kArgs);
   const auto params = args.slice(kForwardTensorArgs);
+  // The target is a constant of the loss (q is built without gradient): a
+  // target that wants one would silently get none.
+  TORCH_CHECK(!args[2].toTensor().requires_grad(),
+              "fused_tes_loss: target must not require grad, got a target that does: the loss "
+              "has no gradient for it (pass target.detach())");
   auto out = TesLossFunction::apply(args[0].toTensor(), args[1].toTensor(), args[2].toTensor(),
                                     c10::IValue(c10::ivalue::Tuple::create(params.vec())));
   torch::jit::drop(*stack, kArgs);

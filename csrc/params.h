@@ -22,16 +22,18 @@ enum RowStat : int {
   kRowSumVis,  // sum of exp(z - max z), >= 1
   kRowMaxTxt,  // max of t, in the units of t (not of t / tau)
   kRowSumTxt,  // sum of exp((t - max t) / tau), >= 1
-  kRowCeVis,   // CE(z, y), the hard-label vision loss
+  kRowMass,    // sum of the target row Y: 1 for a class index
+  kRowCeVis,   // CE_eps(z, Y), the vision loss against the (smoothed) target alone
   kRowKlRef,   // KL(p_ref || p_v)
-  kRowCeTxt,   // CE(s, y)
+  kRowCeTxt,   // CE_eps(s, Y)
   kNumRowStats,
 };
 inline constexpr const char* kRowStatNames[kNumRowStats] = {
-    "loss", "max_vis", "sum_vis", "max_txt", "sum_txt", "ce_vision", "kl_ref", "ce_text"};
+    "loss", "max_vis", "sum_vis", "max_txt", "sum_txt", "mass", "ce_vision", "kl_ref", "ce_text"};
 
 // Entries of the [kNumBatchStats] tensor: the count of rows that are not
-// ignored, and the means of the parts over those rows. The parts' names are
+// ignored (every row, for probability targets), and the means of the parts
+// over those rows. The parts' names are
 // the fields of tesloss.Parts.
 enum BatchStat : int {
   kBatchValid,
@@ -49,7 +51,7 @@ inline constexpr const char* kReductionNames[kReduceSum + 1] = {"none", "mean", 
 
 // Accumulation type: fp64 for fp64 logits, fp32 for every other dtype. The
 // loss and the row and batch statistics come back in it. Sums over the rows of
-// a batch are kept in fp64 with a compensation term (tes_loss.h's BatchSum),
+// a batch are kept in fp64 with a compensation term (batch_sum.h's BatchSum),
 // whatever the logits' dtype.
 template <typename scalar_t>
 using acc_t_of = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -73,7 +75,8 @@ inline constexpr double kMinTau = kLog2e / static_cast<double>(std::numeric_limi
   X(double, lambda_t, "float", value >= 0 && value < kInf, "a finite number >= 0")          \
   X(int64_t, ignore_index, "int", true, "an int")                                           \
   X(int64_t, reduction, "int", value >= kReduceNone && value <= kReduceSum,                 \
-    "0 (none), 1 (mean) or 2 (sum)")
+    "0 (none), 1 (mean) or 2 (sum)")                                                         \
+  X(double, label_smoothing, "float", value >= 0 && value <= 1, "a number in [0, 1]")
 
 // The op's parameters as the schema passes them. Kernels take the row math's
 // share of them in their accumulation type (RowParams, below).
@@ -86,6 +89,20 @@ struct Params {
 #define TESLOSS_COUNT_PARAM(...) +1
 inline constexpr int kNumParams = 0 TESLOSS_FOR_EACH_PARAM(TESLOSS_COUNT_PARAM);
 #undef TESLOSS_COUNT_PARAM
+
+// What a row's target is, and so what its statistics hold besides the
+// softmax's (tes_loss.h's RowState):
+//   kIndexTarget          a class index, no smoothing: the published recipe
+//   kSmoothedIndexTarget  a class index with label smoothing: adds the row's
+//                         uniform gaps, sum_c (max - x_c)
+//   kProbTarget           a row of class probabilities Y, smoothed or not: adds
+//                         the uniform gaps, Y's mass and its weighted gaps
+enum TargetKind : int { kIndexTarget, kSmoothedIndexTarget, kProbTarget };
+
+template <int kTarget>
+inline constexpr bool kHasUniform = kTarget != kIndexTarget;
+template <int kTarget>
+inline constexpr bool kHasProbs = kTarget == kProbTarget;
 
 // What the row math needs of the parameters, in the accumulation type.
 // txt_exp_hi + txt_exp_lo is log2(e) / tau to twice the type's precision: the
@@ -100,15 +117,19 @@ struct RowParams {
   int64_t ignore_index;
   acc_t txt_exp_hi;
   acc_t txt_exp_lo;
+  acc_t smoothing;        // label_smoothing, eps
+  acc_t inv_num_classes;  // 1 / C
 };
 
 template <typename acc_t>
-inline RowParams<acc_t> row_params(const Params& p) {
+inline RowParams<acc_t> row_params(const Params& p, int64_t num_classes) {
   const double scale = kLog2e / p.tau;
   const acc_t hi = static_cast<acc_t>(scale);
   return RowParams<acc_t>{static_cast<acc_t>(1.0 / p.tau), static_cast<acc_t>(p.lambda_v),
                           static_cast<acc_t>(p.lambda_t), p.ignore_index,
-                          hi, static_cast<acc_t>(scale - static_cast<double>(hi))};
+                          hi, static_cast<acc_t>(scale - static_cast<double>(hi)),
+                          static_cast<acc_t>(p.label_smoothing),
+                          static_cast<acc_t>(1.0 / static_cast<double>(num_classes))};
 }
 
 }  // namespace tesloss

@@ -2,15 +2,20 @@
 // kernels (cpu/tes_loss_cpu.cpp) and the CUDA kernels (cuda/), so the CPU tests
 // also test the GPU's arithmetic.
 //
-// For one row with label y, vision logits z and text logits t:
+// For one row with target Y (onehot(y) for a class index y, or a row of class
+// probabilities), vision logits z, text logits t and label smoothing eps:
 //   s      = t / tau
 //   p_ref  = softmax(s)                      (a constant: no gradient)
 //   p_v    = softmax(z)
-//   q      = lambda_v * p_ref + (1 - lambda_v) * onehot(y)
-//   loss   = CE(z, q) + lambda_t * CE(s, y)
-//          = lambda_v * CE(z, p_ref) + (1 - lambda_v) * CE(z, y) + lambda_t * CE(s, y)
-//   dloss/dz = p_v - q
-//   dloss/dt = (lambda_t / tau) * (p_ref - onehot(y))
+//   q      = lambda_v * p_ref + (1 - lambda_v) * Y
+//   CE_eps(x, w) = -sum_c ((1 - eps) w_c + eps / C) log_softmax(x)_c
+//                = (1 - eps) CE(x, w) + eps CE(x, U),   U = the uniform 1 / C
+//   loss   = CE_eps(z, q) + lambda_t * CE_eps(s, Y)
+//          = (1 - eps) (lambda_v CE(z, p_ref) + (1 - lambda_v) CE(z, Y)) + eps CE(z, U)
+//            + lambda_t ((1 - eps) CE(s, Y) + eps CE(s, U))
+//   dloss/dz = sum(w') p_v - w',                    w' = (1 - eps) q + eps / C
+//   dloss/dt = (lambda_t / tau) (sum(Y') p_ref - Y'), Y' = (1 - eps) Y + eps / C
+// (sum(w') = sum(Y') = 1 for a class index; a probability row need not sum to 1.)
 //
 // Every cross-entropy is written as a sum of parts that are >= 0, so that no
 // two large numbers cancel and a constant added to a row's z or t changes
@@ -18,14 +23,18 @@
 //   CE(z, y)     = log(sum_c exp(z_c - max z)) + (max z - z_y)
 //   CE(s, y)     = log(sum_c exp(s_c - max s)) + (max t - t_y) / tau
 //   CE(z, p_ref) = log(sum_c exp(z_c - max z)) + <p_ref, max z - z>
+//   CE(z, Y)     = sum(Y) log(sum_c exp(z_c - max z)) + <Y, max z - z>
+//   CE(z, U)     = log(sum_c exp(z_c - max z)) + <U, max z - z>
 // The text exponent is (t - max t) / tau: the max class gets exactly 0, so
 // exp gives exactly 1 and each sum is >= 1, whatever tau.
 //
 // One read of a row is enough for the forward: an online softmax keeps, for
 // each part of a row, the maxima of z and t, the sums of exponentials, and the
 // p_ref-weighted gaps sum_c exp(s_c - max s) * (max z - z_c) and
-// sum_c exp(s_c - max s) * (max t - t_c), whose terms are all >= 0; parts
-// merge with row_state_merge. The backward needs the maxima and sums only.
+// sum_c exp(s_c - max s) * (max t - t_c), whose terms are all >= 0, and as
+// the target needs them the uniform gaps sum_c (max - x_c) and Y's mass and
+// gaps <Y, max - x>; parts merge with row_state_merge. The backward needs the
+// maxima, the sums and Y's mass only.
 #pragma once
 
 #include <cmath>
@@ -100,6 +109,13 @@ TESLOSS_HD bool is_ignored(int64_t label, const RowParams<acc_t>& p) {
   return label == p.ignore_index;
 }
 
+// A row that adds nothing: its class index is ignore_index. A probability
+// target has none, and every row counts.
+template <int kTarget, typename acc_t>
+TESLOSS_HD bool is_ignored_row(int64_t label, const RowParams<acc_t>& p) {
+  return !kHasProbs<kTarget> && is_ignored(label, p);
+}
+
 template <typename acc_t>
 TESLOSS_HD bool is_valid_label(int64_t label, int64_t num_classes) {
   return label >= 0 && label < num_classes;
@@ -112,7 +128,9 @@ TESLOSS_HD bool is_valid_label(int64_t label, int64_t num_classes) {
 // below the rounding of the log-sum-exp it is added to.
 inline constexpr double kGapScale = 1.0 / 4294967296.0;
 
-// Online-softmax statistics of one row, or of any part of one.
+// Online-softmax statistics of one row, or of any part of one. The last six
+// are the target's (params.h's TargetKind): kept where the kind has them, and
+// 0 and never read where it does not.
 template <typename acc_t>
 struct RowState {
   acc_t max_vis;  // running max of z
@@ -121,12 +139,19 @@ struct RowState {
   acc_t sum_txt;  // sum of exp((t - max_txt) / tau)
   acc_t gap_vis;  // kGapScale * sum of exp((t - max_txt) / tau) * (max_vis - z), >= 0
   acc_t gap_txt;  // kGapScale * sum of exp((t - max_txt) / tau) * (max_txt - t), >= 0
+  acc_t count;    // columns (kHasUniform)
+  acc_t uni_vis;  // kGapScale * sum of (max_vis - z), >= 0 (kHasUniform)
+  acc_t uni_txt;  // kGapScale * sum of (max_txt - t), >= 0 (kHasUniform)
+  acc_t mass;     // sum of Y (kHasProbs)
+  acc_t y_vis;    // kGapScale * sum of Y * (max_vis - z) (kHasProbs)
+  acc_t y_txt;    // kGapScale * sum of Y * (max_txt - t) (kHasProbs)
 };
 
 template <typename acc_t>
 TESLOSS_HD RowState<acc_t> row_state_empty() {
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
-  return RowState<acc_t>{neg_inf, acc_t(0), neg_inf, acc_t(0), acc_t(0), acc_t(0)};
+  return RowState<acc_t>{neg_inf, acc_t(0), neg_inf, acc_t(0), acc_t(0), acc_t(0),
+                         acc_t(0), acc_t(0), acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
 }
 
 // What a part of a row shifts its exponentials by: its max, so none
@@ -148,11 +173,12 @@ TESLOSS_HD acc_t regap(acc_t gap, acc_t old_max, acc_t new_max, acc_t weight_sum
 }
 
 // Combines the statistics of two disjoint parts of a row (vector lanes,
-// CPU blocks, CUDA threads). Associative up to rounding.
-template <typename acc_t>
+// CPU blocks, CUDA threads) for a target of kind kTarget. Associative up to
+// rounding.
+template <int kTarget, typename acc_t>
 TESLOSS_HD RowState<acc_t> row_state_merge(const RowState<acc_t>& a, const RowState<acc_t>& b,
                                            const RowParams<acc_t>& p) {
-  RowState<acc_t> out;
+  RowState<acc_t> out = row_state_empty<acc_t>();
   out.max_vis = nan_max(a.max_vis, b.max_vis);
   out.sum_vis = a.sum_vis * rescale(a.max_vis, out.max_vis) +
                 b.sum_vis * rescale(b.max_vis, out.max_vis);
@@ -164,6 +190,21 @@ TESLOSS_HD RowState<acc_t> row_state_merge(const RowState<acc_t>& a, const RowSt
                 weighted(fb, regap(b.gap_vis, b.max_vis, out.max_vis, b.sum_txt));
   out.gap_txt = weighted(fa, regap(a.gap_txt, a.max_txt, out.max_txt, a.sum_txt)) +
                 weighted(fb, regap(b.gap_txt, b.max_txt, out.max_txt, b.sum_txt));
+  // The target's weights are not exponentials: only the gaps move with the max.
+  if constexpr (kHasUniform<kTarget>) {
+    out.count = a.count + b.count;
+    out.uni_vis = regap(a.uni_vis, a.max_vis, out.max_vis, a.count) +
+                  regap(b.uni_vis, b.max_vis, out.max_vis, b.count);
+    out.uni_txt = regap(a.uni_txt, a.max_txt, out.max_txt, a.count) +
+                  regap(b.uni_txt, b.max_txt, out.max_txt, b.count);
+  }
+  if constexpr (kHasProbs<kTarget>) {
+    out.mass = a.mass + b.mass;
+    out.y_vis = regap(a.y_vis, a.max_vis, out.max_vis, a.mass) +
+                regap(b.y_vis, b.max_vis, out.max_vis, b.mass);
+    out.y_txt = regap(a.y_txt, a.max_txt, out.max_txt, a.mass) +
+                regap(b.y_txt, b.max_txt, out.max_txt, b.mass);
+  }
   return out;
 }
 
@@ -183,23 +224,50 @@ TESLOSS_HD acc_t log_of_sum(acc_t sum) {
   return log_sum < acc_t(0) ? acc_t(0) : log_sum;
 }
 
-// The per-row loss and the parts, from the finished statistics and the
-// label's own logits. Writes kNumRowStats values to `out`.
+// (1 - eps) * of_target + eps * of_uniform: label smoothing's mix, exact at
+// eps = 0 and eps = 1.
 template <typename acc_t>
+TESLOSS_HD acc_t smoothed(acc_t eps, acc_t of_target, acc_t of_uniform) {
+  return lambda_mix(eps, of_uniform, of_target);
+}
+
+// The per-row loss and the parts, from the finished statistics and, for a
+// class index, the label's own logits (unused for probability targets).
+// Writes kNumRowStats values to `out`.
+template <int kTarget, typename acc_t>
 TESLOSS_HD void row_finalize(const RowState<acc_t>& st, acc_t z_label, acc_t t_label,
                              const RowParams<acc_t>& p, acc_t* out) {
   constexpr acc_t kUnscale = acc_t(1.0 / kGapScale);
   const acc_t log_sum_vis = log_of_sum(st.sum_vis);
   const acc_t log_sum_txt = log_of_sum(st.sum_txt);
-  const acc_t ce_vis = log_sum_vis + (st.max_vis - z_label);
-  const acc_t ce_txt = log_sum_txt + (st.max_txt - t_label) * p.inv_tau;
+  acc_t mass = acc_t(1);
+  acc_t ce_vis, ce_txt;  // CE(z, Y), CE(s, Y)
+  if constexpr (kHasProbs<kTarget>) {
+    mass = st.mass;
+    ce_vis = mass * log_sum_vis + st.y_vis * kUnscale;
+    ce_txt = mass * log_sum_txt + st.y_txt * kUnscale * p.inv_tau;
+  } else {
+    ce_vis = log_sum_vis + (st.max_vis - z_label);
+    ce_txt = log_sum_txt + (st.max_txt - t_label) * p.inv_tau;
+  }
   const acc_t ce_ref = log_sum_vis + st.gap_vis / st.sum_txt * kUnscale;  // CE(z, p_ref)
   const acc_t entropy_ref = log_sum_txt + st.gap_txt / st.sum_txt * kUnscale * p.inv_tau;
-  out[kRowLoss] = lambda_mix(p.lambda_v, ce_ref, ce_vis) + p.lambda_t * ce_txt;
+  acc_t vision = lambda_mix(p.lambda_v, ce_ref, ce_vis);  // CE(z, q)
+  if constexpr (kHasUniform<kTarget>) {
+    // CE(z, U) and CE(s, U); 1 / C before the unscaling, which could overflow.
+    const acc_t ce_uni_vis = log_sum_vis + st.uni_vis * p.inv_num_classes * kUnscale;
+    const acc_t ce_uni_txt =
+        log_sum_txt + st.uni_txt * p.inv_num_classes * kUnscale * p.inv_tau;
+    vision = smoothed(p.smoothing, vision, ce_uni_vis);
+    ce_vis = smoothed(p.smoothing, ce_vis, ce_uni_vis);
+    ce_txt = smoothed(p.smoothing, ce_txt, ce_uni_txt);
+  }
+  out[kRowLoss] = vision + p.lambda_t * ce_txt;
   out[kRowMaxVis] = st.max_vis;
   out[kRowSumVis] = st.sum_vis;
   out[kRowMaxTxt] = st.max_txt;
   out[kRowSumTxt] = st.sum_txt;
+  out[kRowMass] = mass;
   out[kRowCeVis] = ce_vis;
   out[kRowKlRef] = ce_ref - entropy_ref;
   out[kRowCeTxt] = ce_txt;
@@ -220,10 +288,11 @@ TESLOSS_HD acc_t row_upstream_grad(const acc_t* grad_loss, int64_t grad_stride,
   return grad_loss[0];
 }
 
-// What the backward needs of one row besides its columns. Its gradients are
+// What the backward needs of one row besides its columns. With Y_c the
+// target's weight of column c (onehot for a class index), its gradients are
 //   dloss/dz_c = g_vis * exp(z_c - max_vis) - g_ref * exp((t_c - max_txt) / tau)
-//                - g * (1 - lambda_v) * onehot_c
-//   dloss/dt_c = g_txt * exp((t_c - max_txt) / tau) - g * lambda_t / tau * onehot_c
+//                - (g_y_vis * Y_c + g_uni_vis)
+//   dloss/dt_c = g_txt * exp((t_c - max_txt) / tau) - (g_y_txt * Y_c + g_uni_txt)
 // with the sums' reciprocals folded into the factors, so that the exponentials
 // are taken of differences within the row, never of a logit minus a rounded
 // log-sum-exp.
@@ -232,102 +301,97 @@ struct GradRow {
   acc_t inv_tau;
   acc_t max_vis;
   acc_t max_txt;
-  acc_t g_vis;       // g / sum_vis
-  acc_t g_ref;       // g * lambda_v / sum_txt
-  acc_t g_txt;       // g * lambda_t / tau / sum_txt
+  acc_t g_vis;       // g * sum(w') / sum_vis
+  acc_t g_ref;       // g * (1 - eps) * lambda_v / sum_txt
+  acc_t g_txt;       // g * lambda_t / tau * sum(Y') / sum_txt
   acc_t inv_sum_vis;
   acc_t inv_sum_txt;
   acc_t g;           // the row's upstream gradient
-  acc_t lambda_v;
+  acc_t ref_weight;  // (1 - eps) * lambda_v: p_ref's share of w'
   acc_t lambda_t_over_tau;
+  acc_t label_smoothing;  // eps * (1 - 1 / C): what smoothing moves off a label
+  acc_t g_uni_vis;   // g * eps / C
+  acc_t g_uni_txt;   // g * lambda_t / tau * eps / C
+  acc_t g_y_vis;     // g * (1 - eps) * (1 - lambda_v)
+  acc_t g_y_txt;     // g * lambda_t / tau * (1 - eps)
 };
 
 // `stats` is the row's kNumRowStats statistics, `g` its upstream gradient.
-template <typename acc_t>
+template <int kTarget, typename acc_t>
 TESLOSS_HD GradRow<acc_t> grad_row(const RowParams<acc_t>& p, const acc_t* stats, acc_t g) {
+  const acc_t eps = p.smoothing;
+  // sum(w') and sum(Y'), exactly 1 for a class index.
+  acc_t vis_mass = acc_t(1);
+  acc_t txt_mass = acc_t(1);
+  if constexpr (kHasProbs<kTarget>) {
+    vis_mass = smoothed(eps, lambda_mix(p.lambda_v, acc_t(1), stats[kRowMass]), acc_t(1));
+    txt_mass = smoothed(eps, stats[kRowMass], acc_t(1));
+  }
   GradRow<acc_t> r;
   r.inv_tau = p.inv_tau;
   r.max_vis = stats[kRowMaxVis];
   r.max_txt = stats[kRowMaxTxt];
   r.inv_sum_vis = acc_t(1) / stats[kRowSumVis];
   r.inv_sum_txt = acc_t(1) / stats[kRowSumTxt];
-  r.lambda_v = p.lambda_v;
+  r.ref_weight = (acc_t(1) - eps) * p.lambda_v;
   r.lambda_t_over_tau = p.lambda_t * p.inv_tau;
+  r.label_smoothing = eps * (acc_t(1) - p.inv_num_classes);
   r.g = g;
-  r.g_vis = g * r.inv_sum_vis;
-  r.g_ref = g * p.lambda_v * r.inv_sum_txt;
-  r.g_txt = g * r.lambda_t_over_tau * r.inv_sum_txt;
+  r.g_vis = g * vis_mass * r.inv_sum_vis;
+  r.g_ref = g * r.ref_weight * r.inv_sum_txt;
+  r.g_txt = g * r.lambda_t_over_tau * txt_mass * r.inv_sum_txt;
+  r.g_uni_vis = g * eps * p.inv_num_classes;
+  r.g_uni_txt = g * r.lambda_t_over_tau * eps * p.inv_num_classes;
+  r.g_y_vis = g * (acc_t(1) - eps) * (acc_t(1) - p.lambda_v);
+  r.g_y_txt = g * r.lambda_t_over_tau * (acc_t(1) - eps);
   return r;
 }
 
-// Both gradients of one column, in acc_t until the one rounding to scalar_t.
-// The label's column takes p - 1 with p formed first, so a confident row's
-// small difference is not lost to the factors' rounding. Both forms are
-// computed and one selected, without a branch: CUDA runs this on every
-// column of unrolled chunks, where a branch cost registers.
-template <typename scalar_t, typename acc_t>
+// Both gradients of one column for a class index target, in acc_t until the
+// one rounding to scalar_t. The label's column takes p - 1 with p formed
+// first, so a confident row's small difference is not lost to the factors'
+// rounding:
+//   p_v - w'_y   = (p_v - 1) + (1 - eps) lambda_v (1 - p_ref) + eps (1 - 1 / C)
+//   p_ref - Y'_y = (p_ref - 1) + eps (1 - 1 / C)
+// Both forms are computed and one selected, without a branch: CUDA runs this
+// on every column of unrolled chunks, where a branch cost registers.
+template <int kTarget, typename scalar_t, typename acc_t>
 TESLOSS_HD void grad_column(scalar_t vis_in, scalar_t txt_in, bool is_label,
                             const GradRow<acc_t>& r, scalar_t& grad_vis, scalar_t& grad_txt) {
+  static_assert(!kHasProbs<kTarget>, "probability targets take grad_column_probs");
   const acc_t e_vis = tes_exp(static_cast<acc_t>(vis_in) - r.max_vis);
   const acc_t e_txt = tes_exp((static_cast<acc_t>(txt_in) - r.max_txt) * r.inv_tau);
   const acc_t p_v = e_vis * r.inv_sum_vis;
   const acc_t p_ref = e_txt * r.inv_sum_txt;
-  // p_v - q = (p_v - 1) + lambda_v * (1 - p_ref): where a difference cancels it is exact.
-  const acc_t label_vis = r.g * ((p_v - acc_t(1)) + r.lambda_v * (acc_t(1) - p_ref));
-  const acc_t label_txt = r.g * r.lambda_t_over_tau * (p_ref - acc_t(1));
-  grad_vis = static_cast<scalar_t>(is_label ? label_vis : r.g_vis * e_vis - r.g_ref * e_txt);
-  grad_txt = static_cast<scalar_t>(is_label ? label_txt : r.g_txt * e_txt);
+  acc_t label_vis = (p_v - acc_t(1)) + r.ref_weight * (acc_t(1) - p_ref);
+  acc_t label_txt = p_ref - acc_t(1);
+  if constexpr (kHasUniform<kTarget>) {
+    label_vis += r.label_smoothing;
+    label_txt += r.label_smoothing;
+  }
+  label_vis = r.g * label_vis;
+  label_txt = r.g * r.lambda_t_over_tau * label_txt;
+  acc_t plain_vis = r.g_vis * e_vis - r.g_ref * e_txt;
+  acc_t plain_txt = r.g_txt * e_txt;
+  if constexpr (kHasUniform<kTarget>) {
+    plain_vis -= r.g_uni_vis;
+    plain_txt -= r.g_uni_txt;
+  }
+  grad_vis = static_cast<scalar_t>(is_label ? label_vis : plain_vis);
+  grad_txt = static_cast<scalar_t>(is_label ? label_txt : plain_txt);
 }
 
-// A sum over a batch's rows: fp64 with Neumaier's compensation, in a fixed
-// order, so a mean over millions of rows is correctly rounded to the
-// accumulation type and the result does not depend on the thread count.
-// Zero-initialize it (= {}): no constructor, so that CUDA can keep it in
-// shared memory.
-struct BatchSum {
-  double hi;
-  double lo;
-
-  TESLOSS_HD void add(double x) {
-    const double t = hi + x;
-    // The rounding error of hi + x, exactly (Neumaier's branch picks the larger term).
-    lo += (hi >= x || hi <= -x) ? (hi - t) + x : (x - t) + hi;
-    hi = t;
-  }
-  TESLOSS_HD void add(const BatchSum& other) {
-    add(other.hi);
-    lo += other.lo;
-  }
-  // An infinite or nan sum is that (its compensation would be nan).
-  TESLOSS_HD double value() const { return hi - hi == 0 ? hi + lo : hi; }
-};
-
-// Sums of the row statistics that make the batch's loss and logged parts.
-enum BatchSumIndex : int { kSumLoss, kSumCeVis, kSumKlRef, kSumCeTxt, kNumBatchSums };
-
-template <typename acc_t>
-TESLOSS_HD void add_row(BatchSum (&sums)[kNumBatchSums], const acc_t* row) {
-  sums[kSumLoss].add(row[kRowLoss]);
-  sums[kSumCeVis].add(row[kRowCeVis]);
-  sums[kSumKlRef].add(row[kRowKlRef]);
-  sums[kSumCeTxt].add(row[kRowCeTxt]);
-}
-
-// The batch's loss and logged parts from the sums over the `num_valid` rows
-// that are not ignored. "mean" over zero rows is 0 / 0 = nan, as in
-// F.cross_entropy.
-template <typename acc_t>
-TESLOSS_HD void batch_finalize(const BatchSum (&sums)[kNumBatchSums], int64_t num_valid,
-                               int64_t reduction, acc_t* loss_out, acc_t* batch_stats) {
-  const double n = static_cast<double>(num_valid);
-  if (reduction != kReduceNone) {
-    const double loss = sums[kSumLoss].value();
-    *loss_out = static_cast<acc_t>(reduction == kReduceMean ? loss / n : loss);
-  }
-  batch_stats[kBatchValid] = static_cast<acc_t>(num_valid);
-  batch_stats[kBatchCeVis] = static_cast<acc_t>(sums[kSumCeVis].value() / n);
-  batch_stats[kBatchKlRef] = static_cast<acc_t>(sums[kSumKlRef].value() / n);
-  batch_stats[kBatchCeTxt] = static_cast<acc_t>(sums[kSumCeTxt].value() / n);
+// Both gradients of one column for a probability target, whose weight of the
+// column is y.
+template <typename scalar_t, typename acc_t>
+TESLOSS_HD void grad_column_probs(scalar_t vis_in, scalar_t txt_in, acc_t y,
+                                  const GradRow<acc_t>& r, scalar_t& grad_vis,
+                                  scalar_t& grad_txt) {
+  const acc_t e_vis = tes_exp(static_cast<acc_t>(vis_in) - r.max_vis);
+  const acc_t e_txt = tes_exp((static_cast<acc_t>(txt_in) - r.max_txt) * r.inv_tau);
+  grad_vis = static_cast<scalar_t>(r.g_vis * e_vis - r.g_ref * e_txt -
+                                   (r.g_y_vis * y + r.g_uni_vis));
+  grad_txt = static_cast<scalar_t>(r.g_txt * e_txt - (r.g_y_txt * y + r.g_uni_txt));
 }
 
 }  // namespace tesloss

@@ -95,7 +95,7 @@ def extension_required() -> bool:
 if LOADED:
     @torch.library.register_fake("tesloss::tes_loss_forward")
     def _forward_fake(vis_logits, txt_logits, target, tau, lambda_v, lambda_t, ignore_index,
-                      reduction):
+                      reduction, label_smoothing):
         acc = acc_dtype(vis_logits.dtype)
         batch = vis_logits.shape[0]
         per_row = reduction == REDUCTIONS["none"]
@@ -106,6 +106,6 @@ if LOADED:
 
     @torch.library.register_fake("tesloss::tes_loss_backward")
     def _backward_fake(grad_loss, vis_logits, txt_logits, target, row_stats, batch_stats, tau,
-                       lambda_v, lambda_t, ignore_index, reduction):
+                       lambda_v, lambda_t, ignore_index, reduction, label_smoothing):
         shape = vis_logits.shape
         return vis_logits.new_empty(shape), txt_logits.new_empty(shape)

@@ -12,11 +12,12 @@ _REDUCTIONS = ("none", "mean", "sum")  # F.cross_entropy's; the op's codes come 
 
 
 class Parts(NamedTuple):
-    """Detached batch means over the rows that are not ignored, for logging."""
+    """Detached batch means over the rows that are not ignored, for logging. The
+    cross-entropies are against the target smoothed by ``label_smoothing``."""
 
-    ce_vision: torch.Tensor  # CE(vis_logits, target)
+    ce_vision: torch.Tensor  # CE_eps(vis_logits, target)
     kl_ref: torch.Tensor  # KL(p_ref || softmax(vis_logits))
-    ce_text: torch.Tensor  # CE(txt_logits / tau, target)
+    ce_text: torch.Tensor  # CE_eps(txt_logits / tau, target)
 
 
 # Where each part sits in the op's batch_stats, found by name.
@@ -24,29 +25,46 @@ _PART_INDEX = tuple(_ops.BATCH_STATS.index(name) for name in Parts._fields) if _
 
 
 def fused_tes_loss(vis_logits, txt_logits, target, *, tau=0.03, lambda_v=0.1, lambda_t=0.3,
-                   ignore_index=-100, reduction="mean", return_parts=False):
+                   ignore_index=-100, reduction="mean", label_smoothing=0.0, return_parts=False):
     """The TeS loss of a batch, fused into one pass over the logits.
 
-    For each row i whose target is not ``ignore_index``, with z = vis_logits[i],
-    s = txt_logits[i] / tau and y = target[i]::
+    For each row i that is not ignored, with z = vis_logits[i],
+    s = txt_logits[i] / tau, eps = label_smoothing and Y the target's row
+    (``onehot(target[i])`` for class indices, ``target[i]`` for class
+    probabilities)::
 
         p_ref  = softmax(s)                                  (no gradient)
-        q      = lambda_v * p_ref + (1 - lambda_v) * onehot(y)
-        loss_i = CE(z, q) + lambda_t * CE(s, y)
+        q      = lambda_v * p_ref + (1 - lambda_v) * Y        (no gradient)
+        loss_i = CE_eps(z, q) + lambda_t * CE_eps(s, Y)
+        CE_eps(x, w) = -sum_c ((1 - eps) * w_c + eps / C) * log_softmax(x)_c
+
+    ``CE_eps`` is ``nn.CrossEntropyLoss(label_smoothing=eps)`` on probability
+    targets: with ``lambda_v = lambda_t = 0`` the op is
+    ``F.cross_entropy(vis_logits, target, label_smoothing=eps)``.
 
     Args:
         vis_logits: [B, C] floating-point logits of the vision classifier.
         txt_logits: [B, C] logits of the fixed text classifier (cosine
             similarities), before division by ``tau``. A dtype that differs
             from ``vis_logits`` is promoted to the common one.
-        target: [B] int64 class indices, or ``ignore_index``.
+        target: [B] int64 class indices (or ``ignore_index``), or [B, C]
+            floating-point class probabilities, such as timm's Mixup and
+            CutMix make; their rows need not sum to 1, and are read in the
+            accumulation dtype (a copy where their dtype differs). A target
+            weight of 0 adds 0 even against a logit of -inf, as a class index
+            does (``F.cross_entropy`` gives nan there). The target gets no
+            gradient and must not require one.
         tau: temperature of the text logits, > 0 (and 1 / tau finite in the
             accumulation dtype: tau >= 4.2e-39 for fp32 accumulation).
         lambda_v: weight of the text reference in the soft target, in [0, 1].
         lambda_t: weight of the text cross-entropy, >= 0.
-        ignore_index: rows with this target add 0 loss and 0 gradient.
-        reduction: "mean" over rows not ignored (nan if there are none),
-            "sum", or "none" for the [B] per-row losses.
+        ignore_index: rows with this class index add 0 loss and 0 gradient
+            (class probabilities have no ignored rows).
+        reduction: "mean" over rows not ignored (nan if there are none; all
+            B rows for class probabilities), "sum", or "none" for the [B]
+            per-row losses.
+        label_smoothing: eps in [0, 1], as in ``F.cross_entropy``: both
+            cross-entropies take the target mixed with the uniform 1 / C.
         return_parts: also return a :class:`Parts` of detached batch means.
 
     Returns:
@@ -56,24 +74,26 @@ def fused_tes_loss(vis_logits, txt_logits, target, *, tau=0.03, lambda_v=0.1, la
         (``create_graph=True``), with ``q`` a constant as in the recipe. Each
         row's loss is >= 0 and unchanged by a constant added to its logits.
     """
-    _check(vis_logits, txt_logits, target, tau, lambda_v, lambda_t, ignore_index, reduction)
+    _check(vis_logits, txt_logits, target, tau, lambda_v, lambda_t, ignore_index, reduction,
+           label_smoothing)
     if vis_logits.dtype != txt_logits.dtype:  # the kernels read one dtype
         common = torch.promote_types(vis_logits.dtype, txt_logits.dtype)
         vis_logits, txt_logits = vis_logits.to(common), txt_logits.to(common)
     if not _ops.has_kernel(_device_type(vis_logits)):
         return _fallback(vis_logits, txt_logits, target, tau=tau, lambda_v=lambda_v,
                          lambda_t=lambda_t, ignore_index=ignore_index, reduction=reduction,
-                         return_parts=return_parts)
+                         label_smoothing=label_smoothing, return_parts=return_parts)
     loss, _, batch_stats = _ops.FORWARD(
         vis_logits, txt_logits, target, float(tau), float(lambda_v), float(lambda_t),
-        int(ignore_index), _ops.REDUCTIONS[reduction],
+        int(ignore_index), _ops.REDUCTIONS[reduction], float(label_smoothing),
     )
     if not return_parts:
         return loss
     return loss, Parts(*(batch_stats[i] for i in _PART_INDEX))
 
 
-def _check(vis_logits, txt_logits, target, tau, lambda_v, lambda_t, ignore_index, reduction):
+def _check(vis_logits, txt_logits, target, tau, lambda_v, lambda_t, ignore_index, reduction,
+           label_smoothing):
     """Validates everything but label values (the kernels check those as they read them)."""
     for name, logits in (("vis_logits", vis_logits), ("txt_logits", txt_logits)):
         if not isinstance(logits, torch.Tensor):
@@ -91,13 +111,7 @@ def _check(vis_logits, txt_logits, target, tau, lambda_v, lambda_t, ignore_index
     if num_classes == 0:
         raise ValueError(f"fused_tes_loss: vis_logits must have C >= 1 classes, "
                          f"got shape {list(vis_logits.shape)}")
-    if not isinstance(target, torch.Tensor):
-        raise TypeError(f"fused_tes_loss: target must be a torch.Tensor of int64 class indices "
-                        f"of shape [B]=[{batch}], got {type(target).__name__}")
-    if target.dtype != torch.int64 or target.shape != (batch,):
-        kind = TypeError if target.dtype != torch.int64 else ValueError
-        raise kind(f"fused_tes_loss: target must be int64 of shape [B]=[{batch}], "
-                   f"got {str(target.dtype).replace('torch.', '')} of shape {list(target.shape)}")
+    _check_target(target, batch, num_classes)
     if not _on_one_device(vis_logits, txt_logits, target):
         raise ValueError(f"fused_tes_loss: vis_logits, txt_logits and target must be on one "
                          f"device, got {vis_logits.device}, {txt_logits.device} and {target.device}")
@@ -110,6 +124,32 @@ def _check(vis_logits, txt_logits, target, tau, lambda_v, lambda_t, ignore_index
     if reduction not in _REDUCTIONS:
         raise ValueError(f"fused_tes_loss: reduction must be one of {list(_REDUCTIONS)}, "
                          f"got {reduction!r}")
+    _check_number("label_smoothing", label_smoothing, "a number in [0, 1]",
+                  lambda v: 0 <= v <= 1)
+
+
+def _check_target(target, batch, num_classes):
+    forms = (f"int64 class indices of shape [B]=[{batch}] or floating-point class "
+             f"probabilities of shape [B, C]=[{batch}, {num_classes}]")
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"fused_tes_loss: target must be a torch.Tensor of {forms}, "
+                        f"got {type(target).__name__}")
+    got = f"{str(target.dtype).replace('torch.', '')} of shape {list(target.shape)}"
+    if target.is_floating_point():
+        if target.dim() == 1:
+            raise TypeError(f"fused_tes_loss: a target of shape [B] must hold int64 class "
+                            f"indices, got {got} (class probabilities are [B, C]=[{batch}, "
+                            f"{num_classes}])")
+        if target.shape != (batch, num_classes):
+            raise ValueError(f"fused_tes_loss: target must be {forms}, got {got}")
+        if target.requires_grad:
+            raise ValueError("fused_tes_loss: target must not require grad, got a target "
+                             "that does: the loss has no gradient for it (pass "
+                             "target.detach())")
+    elif target.dtype != torch.int64:
+        raise TypeError(f"fused_tes_loss: target must be {forms}, got {got}")
+    elif target.shape != (batch,):
+        raise ValueError(f"fused_tes_loss: target must be {forms}, got {got}")
 
 
 # Tensor.device builds a torch.device object, a cost in every training step
@@ -159,16 +199,20 @@ def _fallback(vis_logits, txt_logits, target, **kwargs):
     if device not in _warned_fallback:
         _warned_fallback.add(device)
         warnings.warn(message, RuntimeWarning, stacklevel=3)
-    if device == "cpu":  # the reference's own index errors are less clear; a CPU check is free
+    probs = target.is_floating_point()
+    if device == "cpu" and not probs:  # the reference's index errors are less clear
         _check_labels(target, vis_logits.shape[1], kwargs["ignore_index"])
     from .reference import tes_loss
 
     # What the compiled op returns: the loss in the accumulation dtype (fp32 for half
     # types), and exact zero gradients for ignored rows, whatever their logits hold.
     acc = torch.float64 if vis_logits.dtype == torch.float64 else torch.float32
-    rows = (target != kwargs["ignore_index"])[:, None]
-    vis_logits, txt_logits = (torch.where(rows, x.to(acc), 0) for x in (vis_logits, txt_logits))
-    return tes_loss(vis_logits, txt_logits, target, **kwargs)
+    if probs:
+        target = target.to(acc)
+    else:
+        rows = (target != kwargs["ignore_index"])[:, None]
+        vis_logits, txt_logits = (torch.where(rows, x, 0) for x in (vis_logits, txt_logits))
+    return tes_loss(vis_logits.to(acc), txt_logits.to(acc), target, **kwargs)
 
 
 def _check_labels(target, num_classes, ignore_index):

@@ -89,6 +89,9 @@ SPOT_CHECK = {"loss": Tolerance(rtol=1e-4, atol=1e-4), "grad": Tolerance(rtol=1e
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 ALL_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 REDUCTIONS = ("mean", "sum", "none")
+# The forms of target the strategy draws: class indices, probability rows that
+# sum to 1, rows that do not (and have zeros), and timm's Mixup / CutMix.
+TARGET_FORMS = ("index", "probs", "unnormalized", "mixup")
 # Class counts that reach each CUDA launch shape (threads per row 8, 32, 128,
 # 512) and the packed path's head, body and scalar rest; 20000 also reaches a
 # 512-thread group's whole chunks in bf16 and fp16 (16384 columns each).
@@ -107,6 +110,30 @@ class Case:
     def shape(self):
         return tuple(self.vis_logits.shape)
 
+    @property
+    def probs(self):
+        """Whether the target is [B, C] class probabilities."""
+        return self.target.is_floating_point()
+
+    def valid(self):
+        """[B] bool: the rows that count (all of them, for class probabilities)."""
+        if self.probs:
+            return torch.ones(self.target.shape[0], dtype=torch.bool)
+        return self.target.cpu() != self.kwargs["ignore_index"]
+
+    def smoothed_target(self):
+        """[B, C] float64: Y' = (1 - eps) Y + eps / C, zero for ignored rows."""
+        batch, num_classes = self.shape
+        eps = self.kwargs.get("label_smoothing", 0.0)
+        if self.probs:
+            y = self.target.cpu().double()
+        else:
+            label = torch.where(self.valid(), self.target.cpu(), 0)
+            y = torch.zeros(batch, num_classes, dtype=torch.float64).scatter_(
+                1, label[:, None], 1.0)
+        y = (1 - eps) * y + eps / max(num_classes, 1)
+        return torch.where(self.valid()[:, None], y, 0.0)
+
     def leaves(self, dtype=None, device="cpu"):
         """Fresh leaf copies of both logits that require grad, on `device` in their
         layout (on_device), optionally cast."""
@@ -114,11 +141,41 @@ class Case:
                 for x in (self.vis_logits, self.txt_logits)]
 
 
+def draw_probs(form, target, num_classes, gen, dtype):
+    """[B, C] class probabilities of the given TARGET_FORMS form, around the labels
+    `target`, rounded to `dtype` (so the fused op and the fp64 truth read the same)."""
+    batch = target.shape[0]
+    if form == "mixup":  # timm's recipe: mixup or CutMix per batch, smoothed labels
+        import numpy as np
+        from timm.data import Mixup
+
+        np.random.seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+        mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1,
+                      num_classes=num_classes)
+        images = torch.rand(batch, 3, 8, 8, generator=gen)
+        _, y = mixup(images, target)
+        y = y.double()
+    else:
+        y = torch.rand(batch, num_classes, generator=gen, dtype=torch.float64) ** 4
+        y = y / y.sum(1, keepdim=True)
+        if form == "unnormalized":  # sums in [0, 2], a third of the weights exactly 0
+            y = y.masked_fill(torch.rand(y.shape, generator=gen) < 0.3, 0.0)
+            y = y * 2 * torch.rand(batch, 1, generator=gen, dtype=torch.float64)
+    return y.to(dtype).double()
+
+
 @st.composite
 def tes_cases(draw, dtype, max_b=64, max_c=4096, device="cpu"):
-    """A TeS problem: logits, labels, parameters, layout and upstream gradient."""
+    """A TeS problem: logits, target, parameters, layout and upstream gradient."""
     # B = 0 has tests of its own; drawn here it would crowd out the rest.
     batch = draw(st.integers(1, max_b))
+    # Class indices half the time; Mixup mixes a batch with its reverse, so takes
+    # an even batch.
+    form = draw(st.sampled_from(("index",) * 3 + TARGET_FORMS[1:]))
+    if form == "mixup":
+        batch += batch % 2
+    label_smoothing = draw(st.one_of(st.just(0.0), st.sampled_from([0.1, 1.0]),
+                                     st.floats(0.0, 1.0)))
     # Vector widths (8, 16) and the CPU kernel's 1024-column blocks, and past them.
     num_classes = draw(st.one_of(
         st.integers(1, 40), st.integers(1, max_c),
@@ -162,7 +219,10 @@ def tes_cases(draw, dtype, max_b=64, max_c=4096, device="cpu"):
     vis = vis + torch.rand(batch, 1, generator=gen, dtype=torch.float64) * vis_offset
     txt = txt + torch.rand(batch, 1, generator=gen, dtype=torch.float64) * txt_offset
     ignored = torch.rand(batch, generator=gen) < ignore_fraction
-    target = torch.where(ignored, torch.full_like(target, ignore_index), target)
+    if form == "index":
+        target = torch.where(ignored, torch.full_like(target, ignore_index), target)
+    else:  # probability rows are never ignored
+        target = draw_probs(form, target, num_classes, gen, dtype)
     if reduction == "none":
         grad_out = torch.randn(batch, generator=gen, dtype=torch.float64)
     else:
@@ -170,7 +230,7 @@ def tes_cases(draw, dtype, max_b=64, max_c=4096, device="cpu"):
 
     vis, txt = (_layout(x.to(dtype), layout).to(device) for x in (vis, txt))
     kwargs = dict(tau=tau, lambda_v=lambda_v, lambda_t=lambda_t, ignore_index=ignore_index,
-                  reduction=reduction)
+                  reduction=reduction, label_smoothing=label_smoothing)
     return Case(vis, txt, target.to(device), grad_out.to(device), kwargs)
 
 
@@ -201,7 +261,12 @@ def run(loss_fn, case, dtype=None, device="cpu", **extra):
     """Loss and both gradients of `loss_fn` on the case, inputs cast to `dtype` and
     moved to `device` in their layout; results on the CPU."""
     vis, txt = case.leaves(dtype, device)
-    loss = loss_fn(vis, txt, case.target.to(device), **case.kwargs, **extra)
+    target = on_device(case.target, device)  # in its layout, as the kernels get it
+    if case.probs and loss_fn is reference_tes_loss:
+        # The recipe reads probabilities in the logits' dtype: exactly, for they are
+        # drawn in the case's.
+        target = target.to(vis.dtype)
+    loss = loss_fn(vis, txt, target, **case.kwargs, **extra)
     loss.backward(case.grad_out.to(device, loss.dtype))
     return loss.detach().cpu(), vis.grad.cpu(), txt.grad.cpu()
 
@@ -214,18 +279,21 @@ def scales(case):
     """Per-output error scales: rounding errs by about eps * |value| in each
     quantity the formulas add up, so a row's scale is the size of those.
 
-    Loss: 1 + |lse(z)| + <p_ref, |z|> + |z_y| + |lse(s)| + |s_y|, plus
-    lambda_v * <p_ref, |s| |z - <p_ref, z>|>: s = t / tau is rounded, and
-    <p_ref, z> moves with s by p_ref * (z - <p_ref, z>).
-    Gradients: g * (1 + |lse(z)| + |lse(s)|), where g is the row's upstream
+    Loss: m * (1 + |lse(z)| + |lse(s)|) + <p_ref, |z|> + <|Y'|, |z|> + <|Y'|, |s|>,
+    plus lambda_v * <p_ref, |s| |z - <p_ref, z>|>: s = t / tau is rounded, and
+    <p_ref, z> moves with s by p_ref * (z - <p_ref, z>). Y' is the smoothed
+    target (onehot(y) for a class index and no smoothing, where the terms are
+    |z_y| and |s_y|) and m = max(1, sum |Y'|).
+    Gradients: g * m * (1 + |lse(z)| + |lse(s)|), where g is the row's upstream
     gradient, times lambda_t / tau for the text gradient.
     """
-    vis = case.vis_logits.double()
-    txt = case.txt_logits.double() / case.kwargs["tau"]
-    valid = case.target != case.kwargs["ignore_index"]
-    label = torch.where(valid, case.target, 0)[:, None]
+    vis = case.vis_logits.double().cpu()
+    txt = case.txt_logits.double().cpu() / case.kwargs["tau"]
+    valid = case.valid()
+    y = case.smoothed_target().abs()
+    mass = y.sum(1).clamp(min=1.0) if y.numel() else torch.ones(vis.shape[0])
     if vis.shape[1] == 0 or vis.shape[0] == 0:
-        lse_z = lse_s = ref_abs = z_y = s_y = torch.zeros(vis.shape[0], dtype=torch.float64)
+        lse_z = lse_s = ref_abs = y_z = y_s = torch.zeros(vis.shape[0], dtype=torch.float64)
     else:
         lse_z, lse_s = vis.logsumexp(1), txt.logsumexp(1)
         p_ref = txt.softmax(1)
@@ -233,9 +301,10 @@ def scales(case):
         ref_vis = (p_ref * vis).nan_to_num().sum(1, keepdim=True)
         ref_abs = ref_abs + case.kwargs["lambda_v"] * (
             p_ref * txt.abs() * (vis - ref_vis).abs()).nan_to_num().sum(1)
-        z_y, s_y = vis.gather(1, label)[:, 0], txt.gather(1, label)[:, 0]
-    loss_row = 1 + lse_z.abs() + ref_abs + z_y.abs() + lse_s.abs() + s_y.abs()
-    grad_row = 1 + lse_z.abs() + lse_s.abs()
+        y_z = (y * vis.abs()).nan_to_num().sum(1)
+        y_s = (y * txt.abs()).nan_to_num().sum(1)
+    loss_row = mass * (1 + lse_z.abs() + lse_s.abs()) + ref_abs + y_z + y_s
+    grad_row = mass * (1 + lse_z.abs() + lse_s.abs())
 
     reduction = case.kwargs["reduction"]
     g = case.grad_out.double().abs()
@@ -288,15 +357,17 @@ def max_abs(x):
 
 def floor_units(case):
     """What each output (loss, grad vis_logits, grad txt_logits) is resolved in: ulps
-    of 1 + lambda_t per row's loss (times the rows for "sum"), of g, the largest
-    |upstream gradient| of a row, and of g * lambda_t / tau."""
+    of (1 + lambda_t) m per row's loss (times the rows for "sum"), of g m, with g
+    the largest |upstream gradient| of a row, and of g m lambda_t / tau; m is the
+    largest mass of a smoothed target row, and at least 1."""
     reduction = case.kwargs["reduction"]
-    valid = int((case.target.cpu() != case.kwargs["ignore_index"]).sum())
+    valid = int(case.valid().sum())
+    mass = max(1.0, max_abs(case.smoothed_target().abs().sum(1)))
     g = case.grad_out.double().abs().cpu()
     if reduction == "mean":
         g = g / max(valid, 1)
-    g = max_abs(g)
-    loss = (1 + case.kwargs["lambda_t"]) * (valid if reduction == "sum" else 1)
+    g = max_abs(g) * mass
+    loss = (1 + case.kwargs["lambda_t"]) * mass * (valid if reduction == "sum" else 1)
     return loss, g, g * case.kwargs["lambda_t"] / case.kwargs["tau"]
 
 
@@ -348,11 +419,16 @@ def shifted(case, vis_offset, txt_offset, pad):
 
 def draw_case(data, dtype, max_b=64, max_c=9000):
     """tes_cases, some moved to misaligned rows, vis and txt at different
-    offsets (then no column can be read as a 128-bit pack of both)."""
+    offsets (then no column can be read as a 128-bit pack of both); probability
+    targets move too, in the accumulation type the kernels read them in."""
     case = data.draw(tes_cases(dtype, max_b=max_b, max_c=max_c))
     if data.draw(st.booleans()):
         case = shifted(case, data.draw(st.integers(0, 9)), data.draw(st.integers(0, 9)),
                        data.draw(st.integers(0, 9)))
+        if case.probs:
+            acc = torch.float64 if dtype == torch.float64 else torch.float32
+            case.target = placed(case.target.to(acc), data.draw(st.integers(0, 9)),
+                                 case.shape[1] + data.draw(st.integers(0, 9)))
     return case
 
 
@@ -361,18 +437,32 @@ ROW_LAYOUTS = {"contiguous": (0, 0, 0), "offset 1": (1, 1, 0), "offsets differ":
                "row stride +5": (0, 0, 5)}
 
 
-def edge_case(dtype, num_classes, layout, batch=37):
+# The targets edge_case takes: the published recipe's, smoothed, and probability rows.
+EDGE_TARGETS = ("index", "smoothed", "probs")
+
+
+def edge_case(dtype, num_classes, layout, batch=37, target="index"):
     """A fixed recipe-parameter problem with every fifth row ignored, its rows
-    laid out as ROW_LAYOUTS[layout] says."""
+    laid out as ROW_LAYOUTS[layout] says. `target` is one of EDGE_TARGETS:
+    class indices, the same with label smoothing 0.1, or probability rows
+    (with smoothing 0.1), laid out like the logits."""
     gen = torch.Generator().manual_seed(num_classes)
     vis = torch.randn(batch, num_classes, generator=gen, dtype=torch.float64) * 4
     txt = torch.rand(batch, num_classes, generator=gen, dtype=torch.float64) * 2 - 1
-    target = torch.randint(0, num_classes, (batch,), generator=gen)
-    target[::5] = -100
-    case = Case(vis.to(dtype), txt.to(dtype), target,
-                torch.tensor(0.37, dtype=torch.float64),
-                dict(tau=0.03, lambda_v=0.1, lambda_t=0.3, ignore_index=-100, reduction="mean"))
-    return shifted(case, *ROW_LAYOUTS[layout])
+    labels = torch.randint(0, num_classes, (batch,), generator=gen)
+    labels[::5] = -100
+    kwargs = dict(tau=0.03, lambda_v=0.1, lambda_t=0.3, ignore_index=-100, reduction="mean",
+                  label_smoothing=0.0 if target == "index" else 0.1)
+    if target == "probs":
+        labels = draw_probs("unnormalized", labels.clamp(min=0), num_classes, gen, dtype)
+    case = Case(vis.to(dtype), txt.to(dtype), labels, torch.tensor(0.37, dtype=torch.float64),
+                kwargs)
+    vis_offset, txt_offset, pad = ROW_LAYOUTS[layout]
+    case = shifted(case, vis_offset, txt_offset, pad)
+    if target == "probs":  # the kernels read it in the accumulation type
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        case.target = placed(case.target.to(acc), vis_offset, num_classes + pad)
+    return case
 
 
 def check_against_reference(case, dtype, device):

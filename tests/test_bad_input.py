@@ -32,14 +32,26 @@ def test_a_label_equal_to_a_custom_ignore_index_is_fine():
     call(target=torch.tensor([0, -1, 2, 3]), ignore_index=-1)
 
 
+FORMS = ("int64 class indices of shape [B]=[4] or floating-point class probabilities of "
+         "shape [B, C]=[4, 10]")
+
+
 @pytest.mark.parametrize("target, error, words", [
-    ([0, 1, 2, 3], TypeError, "target must be a torch.Tensor of int64 class indices of shape "
-                              "[B]=[4], got list"),
-    (torch.tensor([0.0, 1.0, 2.0, 3.0]), TypeError, "target must be int64 of shape [B]=[4], "
-                                                    "got float32 of shape [4]"),
-    (torch.tensor([0, 1, 2, 3], dtype=torch.int32), TypeError, "target must be int64 of shape [B]=[4], got int32 of shape [4]"),
-    (torch.zeros(4, 1, dtype=torch.long), ValueError, "target must be int64 of shape [B]=[4], got int64 of shape [4, 1]"),
-    (torch.zeros(5, dtype=torch.long), ValueError, "target must be int64 of shape [B]=[4], got int64 of shape [5]"),
+    ([0, 1, 2, 3], TypeError, f"target must be a torch.Tensor of {FORMS}, got list"),
+    (torch.tensor([0.0, 1.0, 2.0, 3.0]), TypeError,
+     "a target of shape [B] must hold int64 class indices, got float32 of shape [4] "
+     "(class probabilities are [B, C]=[4, 10])"),
+    (torch.tensor([0, 1, 2, 3], dtype=torch.int32), TypeError,
+     f"target must be {FORMS}, got int32 of shape [4]"),
+    (torch.zeros(4, 1, dtype=torch.long), ValueError,
+     f"target must be {FORMS}, got int64 of shape [4, 1]"),
+    (torch.zeros(5, dtype=torch.long), ValueError,
+     f"target must be {FORMS}, got int64 of shape [5]"),
+    (torch.rand(4, 9), ValueError, f"target must be {FORMS}, got float32 of shape [4, 9]"),
+    (torch.rand(5, 10), ValueError, f"target must be {FORMS}, got float32 of shape [5, 10]"),
+    (torch.rand(4, 10, 1), ValueError, f"target must be {FORMS}, got float32 of shape [4, 10, 1]"),
+    (torch.rand(4, 10, requires_grad=True), ValueError, "target must not require grad"),
+    (torch.zeros(4, 10, dtype=torch.bool), TypeError, f"target must be {FORMS}, got bool"),
 ])
 def test_bad_targets(target, error, words):
     with pytest.raises(error) as info:
@@ -96,6 +108,12 @@ BAD_PARAMETERS = [
     ("lambda_t", -1.0, ValueError, "lambda_t must be a finite number >= 0, got -1.0"),
     ("lambda_t", math.nan, ValueError, "got nan"),
     ("lambda_t", math.inf, ValueError, "got inf"),
+    ("label_smoothing", -0.1, ValueError, "label_smoothing must be a number in [0, 1], got -0.1"),
+    ("label_smoothing", 1.01, ValueError, "got 1.01"),
+    ("label_smoothing", math.nan, ValueError, "got nan"),
+    ("label_smoothing", torch.tensor(0.1), TypeError,
+     "label_smoothing must be a number in [0, 1] (a Python number), got Tensor"),
+    ("label_smoothing", "0.1", TypeError, "got str"),
     ("ignore_index", 1.5, TypeError, "ignore_index must be an int, got 1.5"),
     ("reduction", "avg", ValueError, "reduction must be one of ['none', 'mean', 'sum'], "
                                      "got 'avg'"),
@@ -164,5 +182,10 @@ def test_the_raw_op_checks_its_tensors_too():
     vis, txt, target = good()
     with pytest.raises(RuntimeError, match="txt_logits must have the dtype of vis_logits"):
         raw_forward(vis, txt.double(), target)
-    with pytest.raises(RuntimeError, match="target must be int64"):
+    with pytest.raises(RuntimeError, match="target must be int64 class indices of shape "
+                                           r"\[B\]=\[4\] or floating class probabilities"):
         raw_forward(vis, txt, target.int())
+    with pytest.raises(RuntimeError, match=r"got Float of shape \[4, 9\]"):
+        raw_forward(vis, txt, torch.rand(4, 9))
+    with pytest.raises(RuntimeError, match="target must not require grad"):
+        raw_forward(vis, txt, torch.rand(4, 10, requires_grad=True))

@@ -23,9 +23,9 @@ import subprocess
 
 import pytest
 import torch
-from conftest import (ALL_DTYPES, EDGE_CLASSES, ROW_LAYOUTS, TOLERANCES, assert_close,
-                      assert_matches_reference, draw_case, edge_case, raw_params, run,
-                      run_reference64, scales)
+from conftest import (ALL_DTYPES, EDGE_CLASSES, EDGE_TARGETS, ROW_LAYOUTS, TOLERANCES,
+                      assert_close, assert_matches_reference, draw_case, edge_case, raw_params,
+                      run, run_reference64, scales)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -50,9 +50,9 @@ class Params(ctypes.Structure):
 class Rows(ctypes.Structure):
     """The Rows struct of tests/cuda_schedules_on_host.cu."""
     _fields_ = [("vis", ctypes.c_void_p), ("txt", ctypes.c_void_p), ("labels", ctypes.c_void_p),
-                ("vis_stride", ctypes.c_int64), ("txt_stride", ctypes.c_int64),
-                ("label_stride", ctypes.c_int64), ("B", ctypes.c_int64), ("C", ctypes.c_int),
-                ("params", Params)]
+                ("probs", ctypes.c_void_p), ("vis_stride", ctypes.c_int64),
+                ("txt_stride", ctypes.c_int64), ("target_stride", ctypes.c_int64),
+                ("B", ctypes.c_int64), ("C", ctypes.c_int), ("params", Params)]
 
 
 @pytest.fixture(scope="session")
@@ -102,14 +102,17 @@ def run_schedules(schedules, case, tpr, count_writes=False):
     dtype, target, kw = vis.dtype, case.target, case.kwargs
     acc = _ops.acc_dtype(dtype)
     batch, num_classes = vis.shape
-    rows = Rows(vis.data_ptr(), txt.data_ptr(), target.data_ptr(), vis.stride(0), txt.stride(0),
+    if case.probs:  # what the op hands the kernels: the accumulation type, class stride 1
+        target = unit_class_stride(target if target.dtype == acc else target.to(acc))
+    labels, probs = (None, target.data_ptr()) if case.probs else (target.data_ptr(), None)
+    rows = Rows(vis.data_ptr(), txt.data_ptr(), labels, probs, vis.stride(0), txt.stride(0),
                 target.stride(0), batch, num_classes, Params(**raw_params(**kw)))
     code = DTYPE_CODES[dtype]
 
     row_stats = torch.full((batch, len(_ops.ROW_STATS)), math.nan, dtype=acc)
     call(schedules.tesloss_schedule_forward, code, tpr, ctypes.byref(rows),
          ctypes.c_void_p(row_stats.data_ptr()))
-    num_valid = (target != kw["ignore_index"]).sum().to(acc)
+    num_valid = case.valid().sum().to(acc)
     grad_out = case.grad_out.to(acc)
     row_loss = row_stats[:, _ops.ROW_STATS.index("loss")]
     if kw["reduction"] == "none":
@@ -155,10 +158,12 @@ def test_values_and_gradients_match_the_fp64_reference(schedules, dtype, tpr, da
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
 @pytest.mark.parametrize("num_classes", EDGE_CLASSES)
 @pytest.mark.parametrize("layout", ROW_LAYOUTS)
-def test_each_gradient_element_is_written_once(schedules, dtype, tpr, num_classes, layout):
+@pytest.mark.parametrize("target", EDGE_TARGETS)
+def test_each_gradient_element_is_written_once(schedules, dtype, tpr, num_classes, layout,
+                                               target):
     batch = 3  # the first row ignored: its zeros have a schedule of their own
-    writes = check_against_reference(schedules, edge_case(dtype, num_classes, layout, batch),
-                                     tpr, count_writes=True)
+    writes = check_against_reference(
+        schedules, edge_case(dtype, num_classes, layout, batch, target), tpr, count_writes=True)
     for name, counts in zip(("grad vis_logits", "grad txt_logits"), writes):
         stray = int(counts[:GUARD].sum() + counts[-GUARD:].sum())
         assert stray == 0, f"{name}: {stray} writes outside the gradient"

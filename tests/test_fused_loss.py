@@ -12,9 +12,9 @@ import math
 
 import pytest
 import torch
-from conftest import (ALL_DTYPES, EDGE_CLASSES, HALF_DTYPES, ROW_LAYOUTS, TOLERANCES, Case,
-                      assert_close, check_against_reference, draw_case, edge_case, raw_forward,
-                      scales)
+from conftest import (ALL_DTYPES, EDGE_CLASSES, EDGE_TARGETS, HALF_DTYPES, ROW_LAYOUTS,
+                      TOLERANCES, Case, assert_close, check_against_reference, draw_case,
+                      edge_case, raw_forward, scales)
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -37,9 +37,11 @@ def test_half_types_err_at_most_twice_the_reference_in_that_dtype(device, dtype,
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
 @pytest.mark.parametrize("num_classes", EDGE_CLASSES)
 @pytest.mark.parametrize("layout", ROW_LAYOUTS)
+@pytest.mark.parametrize("target", EDGE_TARGETS)
 def test_every_class_count_the_kernels_treat_apart_in_every_row_layout(device, dtype,
-                                                                       num_classes, layout):
-    check_against_reference(edge_case(dtype, num_classes, layout), dtype, device)
+                                                                       num_classes, layout,
+                                                                       target):
+    check_against_reference(edge_case(dtype, num_classes, layout, target=target), dtype, device)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

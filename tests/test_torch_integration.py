@@ -11,14 +11,24 @@ from tesloss import _ops, functional
 from tesloss.reference import tes_loss as reference_tes_loss
 
 
-def problem(b=6, c=13, dtype=torch.float64, seed=0, ignore=True, device="cpu"):
+def problem(b=6, c=13, dtype=torch.float64, seed=0, ignore=True, device="cpu", probs=False):
+    """Logits and a target: class indices (row 1 ignored), or with `probs` class
+    probability rows that do not sum to 1."""
     gen = torch.Generator().manual_seed(seed)
     vis = (torch.randn(b, c, generator=gen) * 2).to(device, dtype).requires_grad_()
     txt = (torch.rand(b, c, generator=gen) * 2 - 1).to(device, dtype).requires_grad_()
     target = torch.randint(0, c, (b,), generator=gen)
     if ignore:
         target[1] = -100
+    if probs:
+        target = torch.rand(b, c, generator=gen).softmax(1) * 1.2
+        target = target.to(torch.float64 if dtype == torch.float64 else torch.float32)
     return vis, txt, target.to(device)
+
+
+# The target forms every autograd and compiler test runs with: (probability
+# rows?, label_smoothing), one for each of the kernels' target kinds.
+TARGETS = [(False, 0.0), (False, 0.1), (True, 0.1)]
 
 
 def test_backend_info_reports_the_cpu_kernels():
@@ -57,12 +67,13 @@ def test_gradcheck_float64_text_where_p_ref_is_not_in_the_forward(device, reduct
                                             reduction=reduction), (vis, txt))
 
 
+@pytest.mark.parametrize("probs, eps", TARGETS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_gradgradcheck_float64(device, reduction):
+def test_gradgradcheck_float64(device, reduction, probs, eps):
     # Second derivatives (create_graph=True, as in gradient penalties): of both
     # logits where p_ref is not in the forward, and of the vision logits with it.
-    vis, txt, target = problem(device=device)
-    kwargs = dict(tau=0.5, lambda_t=0.7, reduction=reduction)
+    vis, txt, target = problem(device=device, probs=probs)
+    kwargs = dict(tau=0.5, lambda_t=0.7, reduction=reduction, label_smoothing=eps)
     torch.autograd.gradgradcheck(
         lambda v, t: tesloss.fused_tes_loss(v, t, target, lambda_v=0.0, **kwargs), (vis, txt))
     torch.autograd.gradgradcheck(
@@ -70,15 +81,16 @@ def test_gradgradcheck_float64(device, reduction):
         (vis,))
 
 
+@pytest.mark.parametrize("probs, eps", TARGETS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_a_gradient_penalty_matches_the_recipe(device, dtype, reduction):
+def test_a_gradient_penalty_matches_the_recipe(device, dtype, reduction, probs, eps):
     # The recipe's soft target is built under no_grad, so it is a constant at every
     # order: the penalty's gradient has no term through p_ref inside q.
     def penalty_grads(loss_fn):
-        vis, txt, target = problem(dtype=dtype, device=device, b=9, c=17)
+        vis, txt, target = problem(dtype=dtype, device=device, b=9, c=17, probs=probs)
         loss = loss_fn(vis, txt, target, tau=0.2, lambda_v=0.3, lambda_t=0.6,
-                       reduction=reduction)
+                       reduction=reduction, label_smoothing=eps)
         grad_vis, grad_txt = torch.autograd.grad(loss.sum(), (vis, txt), create_graph=True)
         (grad_vis.square().sum() + (grad_txt * grad_txt.detach().sign()).sum()).backward()
         return vis.grad, txt.grad
@@ -89,24 +101,27 @@ def test_a_gradient_penalty_matches_the_recipe(device, dtype, reduction):
         torch.testing.assert_close(ours, theirs, **tol)
 
 
+@pytest.mark.parametrize("probs, eps", TARGETS)
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_opcheck_forward_and_backward(device, reduction, dtype):
-    vis, txt, target = problem(dtype=dtype, device=device)
-    params = raw_params(reduction=reduction)
+def test_opcheck_forward_and_backward(device, reduction, dtype, probs, eps):
+    vis, txt, target = problem(dtype=dtype, device=device, probs=probs)
+    params = raw_params(reduction=reduction, label_smoothing=eps)
     torch.library.opcheck(torch.ops.tesloss.tes_loss_forward.default, (vis, txt, target), params)
-    loss, row_stats, batch_stats = raw_forward(vis, txt, target, reduction=reduction)
+    loss, row_stats, batch_stats = raw_forward(vis, txt, target, reduction=reduction,
+                                               label_smoothing=eps)
     backward_args = (torch.ones_like(loss), vis.detach(), txt.detach(), target, row_stats,
                      batch_stats)
     torch.library.opcheck(torch.ops.tesloss.tes_loss_backward.default, backward_args, params)
 
 
-def test_torch_compile_fullgraph_forward_and_backward(device):
-    vis, txt, target = problem(b=8, c=50, dtype=torch.float32, device=device)
+@pytest.mark.parametrize("probs, eps", TARGETS)
+def test_torch_compile_fullgraph_forward_and_backward(device, probs, eps):
+    vis, txt, target = problem(b=8, c=50, dtype=torch.float32, device=device, probs=probs)
     vis2, txt2 = (x.detach().clone().requires_grad_() for x in (vis, txt))
 
     def step(v, t, y):
-        loss, parts = tesloss.fused_tes_loss(v, t, y, return_parts=True)
+        loss, parts = tesloss.fused_tes_loss(v, t, y, return_parts=True, label_smoothing=eps)
         return loss * 2.0, parts.kl_ref
 
     compiled = torch.compile(step, fullgraph=True)
@@ -202,3 +217,16 @@ def test_the_fallback_returns_what_the_compiled_op_returns(monkeypatch):
     assert torch.isfinite(loss)
     assert torch.equal(vis.grad[1], torch.zeros_like(vis.grad[1]))
     assert torch.equal(txt.grad[1], torch.zeros_like(txt.grad[1]))
+
+
+@pytest.mark.parametrize("probs, eps", TARGETS)
+def test_the_fallback_takes_every_target(monkeypatch, probs, eps):
+    monkeypatch.setattr(_ops, "has_kernel", lambda device: False)
+    monkeypatch.delenv("TESLOSS_REQUIRE_EXTENSION", raising=False)
+    vis, txt, target = problem(probs=probs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fallback = tesloss.fused_tes_loss(vis, txt, target, label_smoothing=eps)
+    monkeypatch.undo()
+    compiled = tesloss.fused_tes_loss(vis, txt, target, label_smoothing=eps)
+    torch.testing.assert_close(fallback, compiled, rtol=1e-12, atol=1e-12)

@@ -10,6 +10,8 @@
 #include <algorithm>
 #include <type_traits>
 
+#include "cpu/vec_io.h"
+#include "batch_sum.h"
 #include "kernels.h"
 #include "tes_loss.h"
 
@@ -17,74 +19,6 @@ namespace tesloss {
 namespace {
 
 using at::vec::Vectorized;
-
-// Loads one vector of the accumulation type; half types widen to float.
-template <typename acc_t, typename scalar_t>
-inline Vectorized<acc_t> load_acc(const scalar_t* ptr) {
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    return Vectorized<acc_t>::loadu(ptr);
-  } else {
-    Vectorized<float> out;
-    at::vec::load_to_float(ptr, out);
-    return out;
-  }
-}
-
-// Stores one vector of the accumulation type as scalar_t, rounding once.
-template <typename scalar_t, typename acc_t>
-inline void store_acc(scalar_t* ptr, const Vectorized<acc_t>& v) {
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    v.store(ptr);
-  } else {
-    at::vec::convert_from_float<scalar_t>(v, v).store(ptr, Vectorized<float>::size());
-  }
-}
-
-// The last `count` (< one vector) elements of a row, widened to acc_t and
-// padded with zeros to a whole vector.
-template <typename acc_t, typename scalar_t>
-inline Vectorized<acc_t> load_acc_tail(const scalar_t* ptr, int64_t count) {
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    return Vectorized<acc_t>::loadu(ptr, count);  // a masked load where the ISA has one
-  }
-  alignas(64) acc_t lanes[Vectorized<acc_t>::size()] = {};
-  for (int64_t k = 0; k < count; ++k) lanes[k] = static_cast<acc_t>(ptr[k]);
-  return Vectorized<acc_t>::loadu(lanes);
-}
-
-// v in the first `count` lanes and `fill` in the rest (Vec::set does this with
-// a 16-way switch that the compiler leaves as a call).
-template <typename acc_t>
-inline Vectorized<acc_t> first_lanes(const Vectorized<acc_t>& v, const Vectorized<acc_t>& fill,
-                                     int64_t count) {
-  using Vec = Vectorized<acc_t>;
-  const Vec lane = Vec::arange(acc_t(0), acc_t(1));
-  return Vec::blendv(fill, v, lane < Vec(static_cast<acc_t>(count)));
-}
-
-// Horizontal sum and max of one vector, by halving shuffles (at::vec).
-template <typename acc_t>
-inline acc_t lane_sum(const Vectorized<acc_t>& v) {
-  return at::vec::vec_reduce_all<acc_t>(
-      [](const Vectorized<acc_t>& a, const Vectorized<acc_t>& b) { return a + b; }, v);
-}
-
-// Not nan-aware: the forward finds nan logits another way (block_row_state).
-template <typename acc_t>
-inline acc_t lane_max(const Vectorized<acc_t>& v) {
-  return at::vec::vec_reduce_all<acc_t>(
-      [](const Vectorized<acc_t>& a, const Vectorized<acc_t>& b) {
-        return at::vec::clamp_min(a, b);
-      },
-      v);
-}
-
-// tes_loss.h's weighted(), lane by lane.
-template <typename T>
-inline Vectorized<T> weighted(const Vectorized<T>& e, const Vectorized<T>& x) {
-  const Vectorized<T> zero(T(0));
-  return Vectorized<T>::blendv(e * x, zero, e == zero);
-}
 
 template <typename acc_t>
 void check_label(int64_t label, int64_t row, int64_t num_classes, const RowParams<acc_t>& p) {
@@ -107,10 +41,11 @@ constexpr int64_t kBlock = 1024;
 // difference (a masked class) makes nan, where the term is 0; and a lane's gap
 // can overflow where the row's spread is near the largest float. The careful
 // sum scales each term by kGapScale (the plain one scales the lane sums) and
-// gives a zero weight a zero term.
-template <bool kCareful, typename scalar_t, typename acc_t>
-RowState<acc_t> block_state(const scalar_t* vis, const scalar_t* txt, int64_t n,
-                            const RowParams<acc_t>& p, acc_t max_vis, acc_t max_txt) {
+// gives a zero weight a zero term. `probs` is the block's target row
+// (kHasProbs only).
+template <bool kCareful, int kTarget, typename scalar_t, typename acc_t>
+RowState<acc_t> block_state(const scalar_t* vis, const scalar_t* txt, const acc_t* probs,
+                            int64_t n, const RowParams<acc_t>& p, acc_t max_vis, acc_t max_txt) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t W = Vec::size();
   const Vec shift_vis(softmax_shift(max_vis)), shift_txt(softmax_shift(max_txt)), zero(0);
@@ -118,9 +53,10 @@ RowState<acc_t> block_state(const scalar_t* vis, const scalar_t* txt, int64_t n,
   const ScaledExp<acc_t> exp_vis(acc_t(1));  // exp(z - max z)
   const TextExp<acc_t, kCareful> exp_txt(p);  // exp((t - max t) / tau), accurately
   Vec sum_vis(0), sum_txt(0), gap_vis(0), gap_txt(0);
-  const auto add = [&](const Vec& z, const Vec& t, int64_t lanes) {
-    const Vec d_vis = z - shift_vis;  // <= 0
-    const Vec d_txt = t - shift_txt;
+  Vec uni_vis(0), uni_txt(0), mass(0), y_vis(0), y_txt(0);
+  const auto add = [&](const Vec& z, const Vec& t, const Vec& y, int64_t lanes) {
+    Vec d_vis = z - shift_vis;  // <= 0
+    Vec d_txt = t - shift_txt;
     Vec e_vis = exp_vis(d_vis);
     Vec e = exp_txt(d_txt);
     if (lanes < W) {
@@ -137,18 +73,64 @@ RowState<acc_t> block_state(const scalar_t* vis, const scalar_t* txt, int64_t n,
       gap_vis = at::vec::fnmadd(e, d_vis, gap_vis);
       gap_txt = at::vec::fnmadd(e, d_txt, gap_txt);
     }
+    if constexpr (kHasProbs<kTarget>) {  // padded lanes have y = 0
+      mass += y;
+      if constexpr (kCareful) {
+        const Vec w = y * gap_scale;
+        y_vis -= weighted(w, d_vis);
+        y_txt -= weighted(w, d_txt);
+      } else {
+        y_vis = at::vec::fnmadd(y, d_vis, y_vis);
+        y_txt = at::vec::fnmadd(y, d_txt, y_txt);
+      }
+    }
+    if constexpr (kHasUniform<kTarget>) {
+      if (lanes < W) {
+        d_vis = first_lanes(d_vis, zero, lanes);
+        d_txt = first_lanes(d_txt, zero, lanes);
+      }
+      uni_vis = at::vec::fnmadd(d_vis, gap_scale, uni_vis);
+      uni_txt = at::vec::fnmadd(d_txt, gap_scale, uni_txt);
+    }
+  };
+  const auto load_probs = [&](int64_t j, int64_t count) {
+    if constexpr (!kHasProbs<kTarget>) return zero;
+    return count < W ? load_acc_tail<acc_t>(probs + j, count) : Vec::loadu(probs + j);
   };
   const int64_t n_full = n - n % W;
   for (int64_t j = 0; j < n_full; j += W) {
-    add(load_acc<acc_t>(vis + j), load_acc<acc_t>(txt + j), W);
+    add(load_acc<acc_t>(vis + j), load_acc<acc_t>(txt + j), load_probs(j, W), W);
   }
   if (n_full < n) {
     add(load_acc_tail<acc_t>(vis + n_full, n - n_full),
-        load_acc_tail<acc_t>(txt + n_full, n - n_full), n - n_full);
+        load_acc_tail<acc_t>(txt + n_full, n - n_full), load_probs(n_full, n - n_full),
+        n - n_full);
   }
   const Vec lane_scale(static_cast<acc_t>(kCareful ? 1.0 : kGapScale));
-  return RowState<acc_t>{max_vis, lane_sum(sum_vis), max_txt, lane_sum(sum_txt),
-                         lane_sum(gap_vis * lane_scale), lane_sum(gap_txt * lane_scale)};
+  RowState<acc_t> out = row_state_empty<acc_t>();
+  out.max_vis = max_vis;
+  out.sum_vis = lane_sum(sum_vis);
+  out.max_txt = max_txt;
+  out.sum_txt = lane_sum(sum_txt);
+  out.gap_vis = lane_sum(gap_vis * lane_scale);
+  out.gap_txt = lane_sum(gap_txt * lane_scale);
+  if constexpr (kHasUniform<kTarget>) {
+    out.count = static_cast<acc_t>(n);
+    out.uni_vis = lane_sum(uni_vis * lane_scale);
+    out.uni_txt = lane_sum(uni_txt * lane_scale);
+  }
+  if constexpr (kHasProbs<kTarget>) {
+    out.mass = lane_sum(mass);
+    out.y_vis = lane_sum(y_vis * lane_scale);
+    out.y_txt = lane_sum(y_txt * lane_scale);
+  }
+  return out;
+}
+
+template <typename acc_t>
+bool gaps_finite(const RowState<acc_t>& s) {
+  return std::isfinite(s.gap_vis) && std::isfinite(s.gap_txt) && std::isfinite(s.uni_vis) &&
+         std::isfinite(s.uni_txt) && std::isfinite(s.y_vis) && std::isfinite(s.y_txt);
 }
 
 // The statistics of one block of n columns: its maxima (first sweep), then
@@ -157,9 +139,9 @@ RowState<acc_t> block_state(const scalar_t* vis, const scalar_t* txt, int64_t n,
 // against an infinite logit; either, or a gap that overflowed, sends the block
 // down the careful path, which takes maxima that keep nan (so a nan logit
 // makes the row's loss nan) and guards the terms.
-template <typename scalar_t, typename acc_t>
-RowState<acc_t> block_row_state(const scalar_t* vis, const scalar_t* txt, int64_t n,
-                                const RowParams<acc_t>& p) {
+template <int kTarget, typename scalar_t, typename acc_t>
+RowState<acc_t> block_row_state(const scalar_t* vis, const scalar_t* txt, const acc_t* probs,
+                                int64_t n, const RowParams<acc_t>& p) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t W = Vec::size();
   constexpr acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
@@ -178,52 +160,83 @@ RowState<acc_t> block_row_state(const scalar_t* vis, const scalar_t* txt, int64_
   }
   const acc_t max_vis = lane_max(max_vis_v);
   const acc_t max_txt = lane_max(max_txt_v);
-  RowState<acc_t> block = block_state<false>(vis, txt, n, p, max_vis, max_txt);
-  if (!std::isfinite(block.gap_vis) || !std::isfinite(block.gap_txt)) {
+  RowState<acc_t> block = block_state<false, kTarget>(vis, txt, probs, n, p, max_vis, max_txt);
+  if (!gaps_finite(block)) {
     acc_t careful_max_vis = neg_inf, careful_max_txt = neg_inf;
     for (int64_t j = 0; j < n; ++j) {
       careful_max_vis = nan_max(careful_max_vis, static_cast<acc_t>(vis[j]));
       careful_max_txt = nan_max(careful_max_txt, static_cast<acc_t>(txt[j]));
     }
-    block = block_state<true>(vis, txt, n, p, careful_max_vis, careful_max_txt);
+    block = block_state<true, kTarget>(vis, txt, probs, n, p, careful_max_vis, careful_max_txt);
   }
   return block;
 }
 
 // One row of the forward: the online softmax, a block of columns at a time.
-template <typename scalar_t, typename acc_t>
-void forward_row(const scalar_t* vis, const scalar_t* txt, int64_t C, int64_t label,
-                 const RowParams<acc_t>& p, acc_t* out) {
-  RowState<acc_t> row = block_row_state(vis, txt, std::min(kBlock, C), p);
+// `label` is the row's class index (unused for probability targets).
+template <int kTarget, typename scalar_t, typename acc_t>
+void forward_row(const scalar_t* vis, const scalar_t* txt, const acc_t* probs, int64_t C,
+                 int64_t label, const RowParams<acc_t>& p, acc_t* out) {
+  const auto block = [&](int64_t start) {
+    return block_row_state<kTarget>(vis + start, txt + start,
+                                    kHasProbs<kTarget> ? probs + start : nullptr,
+                                    std::min(kBlock, C - start), p);
+  };
+  RowState<acc_t> row = block(0);
   for (int64_t start = kBlock; start < C; start += kBlock) {
-    row = row_state_merge(
-        row, block_row_state(vis + start, txt + start, std::min(kBlock, C - start), p), p);
+    row = row_state_merge<kTarget>(row, block(start), p);
   }
-  row_finalize(row, static_cast<acc_t>(vis[label]), static_cast<acc_t>(txt[label]), p, out);
+  if constexpr (kHasProbs<kTarget>) {
+    row_finalize<kTarget>(row, acc_t(0), acc_t(0), p, out);
+  } else {
+    row_finalize<kTarget>(row, static_cast<acc_t>(vis[label]), static_cast<acc_t>(txt[label]), p,
+                          out);
+  }
 }
 
-// One row of the backward: reads z and t once, writes both gradients once.
-// Whole vectors take the columns that are not the label; the label's column
-// is written again at the end.
-template <typename scalar_t, typename acc_t>
-void backward_row(const scalar_t* vis, const scalar_t* txt, int64_t C, int64_t label,
-                  const GradRow<acc_t>& r, scalar_t* grad_vis, scalar_t* grad_txt) {
+// One row of the backward: reads z, t (and a probability target) once, writes
+// both gradients once. Whole vectors take every column; for a class index,
+// the label's column is written again at the end.
+template <int kTarget, typename scalar_t, typename acc_t>
+void backward_row(const scalar_t* vis, const scalar_t* txt, const acc_t* probs, int64_t C,
+                  int64_t label, const GradRow<acc_t>& r, scalar_t* grad_vis,
+                  scalar_t* grad_txt) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t W = Vec::size();
+  const auto column = [&](int64_t j) {
+    if constexpr (kHasProbs<kTarget>) {
+      grad_column_probs(vis[j], txt[j], probs[j], r, grad_vis[j], grad_txt[j]);
+    } else {
+      grad_column<kTarget>(vis[j], txt[j], j == label, r, grad_vis[j], grad_txt[j]);
+    }
+  };
   // A row with a nan logit has a nan max; the vector exp need not keep that
   // nan, so such a row takes the scalar path for every column.
   if (std::isnan(r.max_vis) || std::isnan(r.max_txt)) {
-    for (int64_t j = 0; j < C; ++j) grad_column(vis[j], txt[j], j == label, r, grad_vis[j], grad_txt[j]);
+    for (int64_t j = 0; j < C; ++j) column(j);
     return;
   }
   const Vec max_vis(r.max_vis), max_txt(r.max_txt), g_vis(r.g_vis), g_ref(r.g_ref),
-      g_txt(r.g_txt);
+      g_txt(r.g_txt), g_uni_vis(r.g_uni_vis), g_uni_txt(r.g_uni_txt), g_y_vis(r.g_y_vis),
+      g_y_txt(r.g_y_txt);
   const ScaledExp<acc_t> exp_vis(acc_t(1)), exp_txt(r.inv_tau);
-  const auto grads = [&](const Vec& z, const Vec& t, Vec& gv, Vec& gt) {
+  // Columns j.. of one vector: y is the target's weights (kHasProbs only).
+  const auto grads = [&](const Vec& z, const Vec& t, const Vec& y, Vec& gv, Vec& gt) {
     const Vec e_vis = exp_vis(z - max_vis);
     const Vec e_txt = exp_txt(t - max_txt);
     gv = at::vec::fmsub(g_vis, e_vis, g_ref * e_txt);
     gt = g_txt * e_txt;
+    if constexpr (kHasProbs<kTarget>) {
+      gv = gv - at::vec::fmadd(g_y_vis, y, g_uni_vis);
+      gt = gt - at::vec::fmadd(g_y_txt, y, g_uni_txt);
+    } else if constexpr (kHasUniform<kTarget>) {
+      gv = gv - g_uni_vis;
+      gt = gt - g_uni_txt;
+    }
+  };
+  const auto load_probs = [&](int64_t j, int64_t count) {
+    if constexpr (!kHasProbs<kTarget>) return Vec(0);
+    return count < W ? load_acc_tail<acc_t>(probs + j, count) : Vec::loadu(probs + j);
   };
   const int64_t n_full = C - C % W;
   Vec gv, gt;
@@ -233,20 +246,22 @@ void backward_row(const scalar_t* vis, const scalar_t* txt, int64_t C, int64_t l
     // together, which costs what converting one alone does.
     Vec gv_hi, gt_hi;
     for (; j + 2 * W <= C; j += 2 * W) {
-      grads(load_acc<acc_t>(vis + j), load_acc<acc_t>(txt + j), gv, gt);
-      grads(load_acc<acc_t>(vis + j + W), load_acc<acc_t>(txt + j + W), gv_hi, gt_hi);
+      grads(load_acc<acc_t>(vis + j), load_acc<acc_t>(txt + j), load_probs(j, W), gv, gt);
+      grads(load_acc<acc_t>(vis + j + W), load_acc<acc_t>(txt + j + W), load_probs(j + W, W),
+            gv_hi, gt_hi);
       at::vec::convert_from_float<scalar_t>(gv, gv_hi).store(grad_vis + j);
       at::vec::convert_from_float<scalar_t>(gt, gt_hi).store(grad_txt + j);
     }
   }
   for (; j < n_full; j += W) {
-    grads(load_acc<acc_t>(vis + j), load_acc<acc_t>(txt + j), gv, gt);
+    grads(load_acc<acc_t>(vis + j), load_acc<acc_t>(txt + j), load_probs(j, W), gv, gt);
     store_acc(grad_vis + j, gv);
     store_acc(grad_txt + j, gt);
   }
   if (n_full < C) {  // the last, partial vector, zero-padded
     grads(load_acc_tail<acc_t>(vis + n_full, C - n_full),
-          load_acc_tail<acc_t>(txt + n_full, C - n_full), gv, gt);
+          load_acc_tail<acc_t>(txt + n_full, C - n_full), load_probs(n_full, C - n_full), gv,
+          gt);
     alignas(64) acc_t vis_tail[W];
     alignas(64) acc_t txt_tail[W];
     gv.store(vis_tail);
@@ -256,12 +271,30 @@ void backward_row(const scalar_t* vis, const scalar_t* txt, int64_t C, int64_t l
       grad_txt[n_full + k] = static_cast<scalar_t>(txt_tail[k]);
     }
   }
-  grad_column(vis[label], txt[label], true, r, grad_vis[label], grad_txt[label]);
+  if constexpr (!kHasProbs<kTarget>) column(label);
 }
 
 // Rows per task, so that a task holds about 16K columns: enough work to pay
 // for a fork and join (docs/DESIGN.md).
 int64_t row_grain(int64_t C) { return std::max<int64_t>(1, (int64_t(1) << 14) / C); }
+
+// A row's class index, checked where kChecked; 0 for a probability target,
+// which has none.
+template <int kTarget, bool kChecked = true, typename scalar_t, typename acc_t>
+int64_t row_label(const RowInputs<scalar_t, acc_t>& in, int64_t i) {
+  if constexpr (kHasProbs<kTarget>) {
+    return 0;
+  } else {
+    const int64_t label = in.labels[i * in.target_stride];
+    if constexpr (kChecked) check_label(label, i, in.C, in.p);
+    return label;
+  }
+}
+
+template <int kTarget, typename scalar_t, typename acc_t>
+const acc_t* row_probs(const RowInputs<scalar_t, acc_t>& in, int64_t i) {
+  return kHasProbs<kTarget> ? in.probs + i * in.target_stride : nullptr;
+}
 
 }  // namespace
 
@@ -271,35 +304,37 @@ void tes_loss_forward_cpu(const ForwardTensors& t, const Params& params) {
         using acc_t = acc_t_of<scalar_t>;
         const auto in = row_inputs<scalar_t, acc_t>(t, params);
         acc_t* stats = t.row_stats.mutable_data_ptr<acc_t>();
-        at::parallel_for(0, in.B, row_grain(in.C), [&](int64_t begin, int64_t end) {
-          for (int64_t i = begin; i < end; ++i) {
-            const int64_t label = in.labels[i * in.label_stride];
-            check_label(label, i, in.C, in.p);
-            acc_t* out = stats + i * kNumRowStats;
-            if (is_ignored(label, in.p)) {
-              row_ignored(out);
-            } else {
-              forward_row(in.vis + i * in.vis_stride, in.txt + i * in.txt_stride, in.C, label,
-                          in.p, out);
-            }
-          }
-        });
-
-        // The batch reduction runs over rows in order, so results do not
-        // depend on the thread count.
-        BatchSum sums[kNumBatchSums] = {};
-        int64_t num_valid = 0;
         const bool per_row = params.reduction == kReduceNone;
         acc_t* loss = t.loss.mutable_data_ptr<acc_t>();
-        for (int64_t i = 0; i < in.B; ++i) {
-          const acc_t* row = stats + i * kNumRowStats;
-          if (per_row) loss[i] = row[kRowLoss];
-          if (is_ignored(in.labels[i * in.label_stride], in.p)) continue;
-          num_valid += 1;
-          add_row(sums, row);
-        }
-        batch_finalize(sums, num_valid, params.reduction, per_row ? nullptr : loss,
-                       t.batch_stats.mutable_data_ptr<acc_t>());
+        with_target_kind(t.target, params, [&](auto kind) {
+          constexpr int kTarget = decltype(kind)::value;
+          at::parallel_for(0, in.B, row_grain(in.C), [&](int64_t begin, int64_t end) {
+            for (int64_t i = begin; i < end; ++i) {
+              const int64_t label = row_label<kTarget>(in, i);
+              acc_t* out = stats + i * kNumRowStats;
+              if (is_ignored_row<kTarget>(label, in.p)) {
+                row_ignored(out);
+              } else {
+                forward_row<kTarget>(in.vis + i * in.vis_stride, in.txt + i * in.txt_stride,
+                                     row_probs<kTarget>(in, i), in.C, label, in.p, out);
+              }
+            }
+          });
+
+          // The batch reduction runs over rows in order, so results do not
+          // depend on the thread count.
+          BatchSum sums[kNumBatchSums] = {};
+          int64_t num_valid = 0;
+          for (int64_t i = 0; i < in.B; ++i) {
+            const acc_t* row = stats + i * kNumRowStats;
+            if (per_row) loss[i] = row[kRowLoss];
+            if (is_ignored_row<kTarget>(row_label<kTarget, false>(in, i), in.p)) continue;
+            num_valid += 1;
+            add_row(sums, row);
+          }
+          batch_finalize(sums, num_valid, params.reduction, per_row ? nullptr : loss,
+                         t.batch_stats.mutable_data_ptr<acc_t>());
+        });
       });
 }
 
@@ -315,21 +350,24 @@ void tes_loss_backward_cpu(const BackwardTensors& t, const Params& params) {
         const acc_t num_valid = t.batch_stats.const_data_ptr<acc_t>()[kBatchValid];
         scalar_t* grad_vis = t.grad_vis.mutable_data_ptr<scalar_t>();
         scalar_t* grad_txt = t.grad_txt.mutable_data_ptr<scalar_t>();
-        at::parallel_for(0, in.B, row_grain(C), [&](int64_t begin, int64_t end) {
-          for (int64_t i = begin; i < end; ++i) {
-            const int64_t label = in.labels[i * in.label_stride];
-            check_label(label, i, C, in.p);
-            if (is_ignored(label, in.p)) {
-              std::fill_n(grad_vis + i * C, C, scalar_t(0));
-              std::fill_n(grad_txt + i * C, C, scalar_t(0));
-              continue;
+        with_target_kind(t.target, params, [&](auto kind) {
+          constexpr int kTarget = decltype(kind)::value;
+          at::parallel_for(0, in.B, row_grain(C), [&](int64_t begin, int64_t end) {
+            for (int64_t i = begin; i < end; ++i) {
+              const int64_t label = row_label<kTarget>(in, i);
+              if (is_ignored_row<kTarget>(label, in.p)) {
+                std::fill_n(grad_vis + i * C, C, scalar_t(0));
+                std::fill_n(grad_txt + i * C, C, scalar_t(0));
+                continue;
+              }
+              const acc_t g = row_upstream_grad(grad_loss, grad_stride, i, params.reduction,
+                                                num_valid);
+              backward_row<kTarget>(in.vis + i * in.vis_stride, in.txt + i * in.txt_stride,
+                                    row_probs<kTarget>(in, i), C, label,
+                                    grad_row<kTarget>(in.p, stats + i * kNumRowStats, g),
+                                    grad_vis + i * C, grad_txt + i * C);
             }
-            const acc_t g = row_upstream_grad(grad_loss, grad_stride, i, params.reduction,
-                                              num_valid);
-            backward_row(in.vis + i * in.vis_stride, in.txt + i * in.txt_stride, C, label,
-                         grad_row(in.p, stats + i * kNumRowStats, g), grad_vis + i * C,
-                         grad_txt + i * C);
-          }
+          });
         });
       });
 }

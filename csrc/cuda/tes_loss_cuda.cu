@@ -25,31 +25,46 @@
 
 #include "cuda/launch_shapes.h"
 #include "cuda/schedules.cuh"
+#include "batch_sum.h"
 #include "kernels.h"
 #include "tes_loss.h"
 
 namespace tesloss {
 namespace {
 
-template <typename acc_t>
+// Lane ^ lane_mask's state: the fields the target's kind keeps, and nothing
+// for the others.
+template <int kTarget, typename acc_t>
 __device__ __forceinline__ RowState<acc_t> shfl_xor_state(const RowState<acc_t>& s, int lane_mask,
                                                           int width) {
-  constexpr unsigned kAllLanes = 0xffffffffu;
-  return RowState<acc_t>{__shfl_xor_sync(kAllLanes, s.max_vis, lane_mask, width),
-                         __shfl_xor_sync(kAllLanes, s.sum_vis, lane_mask, width),
-                         __shfl_xor_sync(kAllLanes, s.max_txt, lane_mask, width),
-                         __shfl_xor_sync(kAllLanes, s.sum_txt, lane_mask, width),
-                         __shfl_xor_sync(kAllLanes, s.gap_vis, lane_mask, width),
-                         __shfl_xor_sync(kAllLanes, s.gap_txt, lane_mask, width)};
+  const auto from = [&](acc_t x) { return __shfl_xor_sync(0xffffffffu, x, lane_mask, width); };
+  RowState<acc_t> out = row_state_empty<acc_t>();
+  out.max_vis = from(s.max_vis);
+  out.sum_vis = from(s.sum_vis);
+  out.max_txt = from(s.max_txt);
+  out.sum_txt = from(s.sum_txt);
+  out.gap_vis = from(s.gap_vis);
+  out.gap_txt = from(s.gap_txt);
+  if constexpr (kHasUniform<kTarget>) {
+    out.count = from(s.count);
+    out.uni_vis = from(s.uni_vis);
+    out.uni_txt = from(s.uni_txt);
+  }
+  if constexpr (kHasProbs<kTarget>) {
+    out.mass = from(s.mass);
+    out.y_vis = from(s.y_vis);
+    out.y_txt = from(s.y_txt);
+  }
+  return out;
 }
 
 // Merges the states of kLanes consecutive lanes; every lane of the warp must
 // call it, whatever its row.
-template <typename acc_t, int kLanes>
+template <int kTarget, typename acc_t, int kLanes>
 __device__ __forceinline__ RowState<acc_t> lanes_merge(RowState<acc_t> state, const RowParams<acc_t>& p) {
 #pragma unroll
   for (int lane_mask = kLanes / 2; lane_mask > 0; lane_mask /= 2) {
-    state = row_state_merge(state, shfl_xor_state(state, lane_mask, kLanes), p);
+    state = row_state_merge<kTarget>(state, shfl_xor_state<kTarget>(state, lane_mask, kLanes), p);
   }
   return state;
 }
@@ -57,16 +72,16 @@ __device__ __forceinline__ RowState<acc_t> lanes_merge(RowState<acc_t> state, co
 // The merged state of a row group's TPR threads, in thread t = 0: shuffles
 // within each warp, then, for a row of several warps, the warps' states in
 // order through shared memory. Every thread of the block must call it.
-template <typename acc_t, int TPR, int RPB>
+template <int kTarget, typename acc_t, int TPR, int RPB>
 __device__ __forceinline__ RowState<acc_t> group_merge(RowState<acc_t> state, int group, int t,
                                                        const RowParams<acc_t>& p) {
   static_assert(TPR <= 32 ? 32 % TPR == 0 : TPR % 32 == 0, "a row's threads tile warps");
   if constexpr (TPR <= 32) {
-    return lanes_merge<acc_t, TPR>(state, p);
+    return lanes_merge<kTarget, acc_t, TPR>(state, p);
   } else {
     constexpr int kWarpsPerRow = TPR / 32;
     __shared__ RowState<acc_t> warp_states[RPB][kWarpsPerRow];
-    state = lanes_merge<acc_t, 32>(state, p);
+    state = lanes_merge<kTarget, acc_t, 32>(state, p);
     __syncthreads();  // the previous row's states have been read
     if (t % 32 == 0) warp_states[group][t / 32] = state;
     __syncthreads();
@@ -74,7 +89,7 @@ __device__ __forceinline__ RowState<acc_t> group_merge(RowState<acc_t> state, in
       state = warp_states[group][0];
 #pragma unroll
       for (int w = 1; w < kWarpsPerRow; ++w) {
-        state = row_state_merge(state, warp_states[group][w], p);
+        state = row_state_merge<kTarget>(state, warp_states[group][w], p);
       }
     }
     return state;
@@ -103,13 +118,13 @@ struct ForwardArgs : RowInputs<scalar_t, acc_t> {
 
 // Thread 0's part of a merged row: its statistics, its loss for reduction
 // "none", and, unless it is ignored, its share of the group's sums.
-template <typename scalar_t, typename acc_t>
+template <int kTarget, typename scalar_t, typename acc_t>
 __device__ __forceinline__ void finish_row(const ForwardArgs<scalar_t, acc_t>& a, int64_t row,
                                            bool work, bool ignored, const RowState<acc_t>& state,
                                            acc_t z_label, acc_t t_label, BlockPartial& part) {
   acc_t out[kNumRowStats];
   if (work) {
-    row_finalize(state, z_label, t_label, a.p, out);
+    row_finalize<kTarget>(state, z_label, t_label, a.p, out);
   } else if (ignored) {
     row_ignored(out);
   } else {  // a bad label, reached only where kernel asserts are compiled out
@@ -143,9 +158,10 @@ __device__ __forceinline__ void write_block_partial(const BlockPartial& part, in
 // TPR threads per row, RPB rows per block. The loop over rows runs the same
 // number of times in every thread of a block, so the barriers and shuffles of
 // the merge are reached by all of them, rows past the end and ignored rows too.
-template <typename scalar_t, typename acc_t, int TPR, int RPB>
+template <int kTarget, typename scalar_t, typename acc_t, int TPR, int RPB>
 __global__ void __launch_bounds__(TPR * RPB)
     tes_forward_kernel(const ForwardArgs<scalar_t, acc_t> a) {
+  constexpr bool kProbs = kHasProbs<kTarget>;
   const int group = threadIdx.x / TPR;
   const int t = threadIdx.x % TPR;
   const int C = static_cast<int>(a.C);  // at most kMaxColumns (check_cuda_tensors)
@@ -155,8 +171,9 @@ __global__ void __launch_bounds__(TPR * RPB)
        first_row += int64_t(gridDim.x) * RPB) {
     const int64_t row = first_row + group;
     const bool active = row < a.B;
-    const int64_t label = active ? a.labels[row * a.label_stride] : a.p.ignore_index;
-    const bool ignored = is_ignored(label, a.p);
+    // A probability target has no label to read or check, and no ignored rows.
+    const int64_t label = kProbs ? 0 : active ? a.labels[row * a.target_stride] : a.p.ignore_index;
+    const bool ignored = is_ignored_row<kTarget>(label, a.p);
     const bool valid = is_valid_label<acc_t>(label, C);
     if (active && t == 0) {
       CUDA_KERNEL_ASSERT(ignored || valid);
@@ -169,14 +186,18 @@ __global__ void __launch_bounds__(TPR * RPB)
     if (work) {
       const scalar_t* vis_row = a.vis + row * a.vis_stride;
       const scalar_t* txt_row = a.txt + row * a.txt_stride;
-      if (t == 0) {  // loaded before the sweep, which then hides its latency
+      if (!kProbs && t == 0) {  // loaded before the sweep, which then hides its latency
         z_label = static_cast<acc_t>(vis_row[label]);
         t_label = static_cast<acc_t>(txt_row[label]);
       }
-      state = thread_row_state<scalar_t, acc_t, TPR>(vis_row, txt_row, C, t, a.p);
+      const acc_t* probs_row = kProbs ? a.probs + row * a.target_stride : nullptr;
+      state = thread_row_state<kTarget, scalar_t, acc_t, TPR>(vis_row, txt_row, probs_row, C, t,
+                                                              a.p);
     }
-    state = group_merge<acc_t, TPR, RPB>(state, group, t, a.p);
-    if (active && t == 0) finish_row(a, row, work, ignored, state, z_label, t_label, part);
+    state = group_merge<kTarget, acc_t, TPR, RPB>(state, group, t, a.p);
+    if (active && t == 0) {
+      finish_row<kTarget>(a, row, work, ignored, state, z_label, t_label, part);
+    }
   }
   write_block_partial<RPB>(part, group, t, a.partials);
 }
@@ -219,9 +240,10 @@ struct BackwardArgs : RowInputs<scalar_t, acc_t> {
 };
 
 // No merge between threads, so the loop over rows need not be uniform.
-template <typename scalar_t, typename acc_t, int TPR, int RPB>
+template <int kTarget, typename scalar_t, typename acc_t, int TPR, int RPB>
 __global__ void __launch_bounds__(TPR * RPB)
     tes_backward_kernel(const BackwardArgs<scalar_t, acc_t> a) {
+  constexpr bool kProbs = kHasProbs<kTarget>;
   const int group = threadIdx.x / TPR;
   const int t = threadIdx.x % TPR;
   const int C = static_cast<int>(a.C);  // at most kMaxColumns (check_cuda_tensors)
@@ -229,20 +251,21 @@ __global__ void __launch_bounds__(TPR * RPB)
 
   for (int64_t row = int64_t(blockIdx.x) * RPB + group; row < a.B;
        row += int64_t(gridDim.x) * RPB) {
-    const int64_t label = a.labels[row * a.label_stride];
-    if (t == 0) {
+    const int64_t label = kProbs ? 0 : a.labels[row * a.target_stride];
+    if (!kProbs && t == 0) {
       CUDA_KERNEL_ASSERT(is_ignored(label, a.p) || is_valid_label<acc_t>(label, C));
     }
     scalar_t* grad_vis_row = a.grad_vis + row * C;
     scalar_t* grad_txt_row = a.grad_txt + row * C;
-    if (is_ignored(label, a.p)) {
+    if (is_ignored_row<kTarget>(label, a.p)) {
       thread_row_zero<scalar_t, TPR>(grad_vis_row, grad_txt_row, C, t);
       continue;
     }
     const acc_t g = row_upstream_grad(a.grad_loss, a.grad_stride, row, a.reduction, num_valid);
-    thread_row_grad<scalar_t, acc_t, TPR>(a.vis + row * a.vis_stride, a.txt + row * a.txt_stride,
-                                          grad_vis_row, grad_txt_row, C, t, label,
-                                          grad_row(a.p, a.row_stats + row * kNumRowStats, g));
+    thread_row_grad<kTarget, scalar_t, acc_t, TPR>(
+        a.vis + row * a.vis_stride, a.txt + row * a.txt_stride,
+        kProbs ? a.probs + row * a.target_stride : nullptr, grad_vis_row, grad_txt_row, C, t,
+        label, grad_row<kTarget>(a.p, a.row_stats + row * kNumRowStats, g));
   }
 }
 
@@ -284,17 +307,20 @@ void tes_loss_forward_cuda(const ForwardTensors& t, const Params& params) {
 
         int num_partials = 0;
         at::Tensor partials;  // bytes holding num_partials BlockPartials
-        with_row_shape(tpr, [&](auto threads, auto rows) {
-          constexpr int TPR = decltype(threads)::value;
-          constexpr int RPB = decltype(rows)::value;
-          num_partials = row_blocks(B, RPB, TPR * RPB, device);
-          partials = at::empty({int64_t(num_partials) * int64_t(sizeof(BlockPartial))},
-                               t.row_stats.options().dtype(at::kByte));
-          if (num_partials == 0) return;  // B == 0: the finish kernel alone gives the empty sums
-          args.partials = reinterpret_cast<BlockPartial*>(partials.mutable_data_ptr());
-          tes_forward_kernel<scalar_t, acc_t, TPR, RPB>
-              <<<num_partials, TPR * RPB, 0, stream>>>(args);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        with_target_kind(t.target, params, [&](auto kind) {
+          with_row_shape(tpr, [&](auto threads, auto rows) {
+            constexpr int kTarget = decltype(kind)::value;
+            constexpr int TPR = decltype(threads)::value;
+            constexpr int RPB = decltype(rows)::value;
+            num_partials = row_blocks(B, RPB, TPR * RPB, device);
+            partials = at::empty({int64_t(num_partials) * int64_t(sizeof(BlockPartial))},
+                                 t.row_stats.options().dtype(at::kByte));
+            if (num_partials == 0) return;  // B == 0: the finish kernel alone gives the empty sums
+            args.partials = reinterpret_cast<BlockPartial*>(partials.mutable_data_ptr());
+            tes_forward_kernel<kTarget, scalar_t, acc_t, TPR, RPB>
+                <<<num_partials, TPR * RPB, 0, stream>>>(args);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          });
         });
         tes_finish_kernel<acc_t><<<1, kFinishThreads, 0, stream>>>(
             args.partials, num_partials, params.reduction,
@@ -325,12 +351,15 @@ void tes_loss_backward_cuda(const BackwardTensors& t, const Params& params) {
         args.reduction = params.reduction;
         args.grad_vis = t.grad_vis.mutable_data_ptr<scalar_t>();
         args.grad_txt = t.grad_txt.mutable_data_ptr<scalar_t>();
-        with_row_shape(tpr, [&](auto threads, auto rows) {
-          constexpr int TPR = decltype(threads)::value;
-          constexpr int RPB = decltype(rows)::value;
-          tes_backward_kernel<scalar_t, acc_t, TPR, RPB>
-              <<<row_blocks(B, RPB, TPR * RPB, device), TPR * RPB, 0, stream>>>(args);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        with_target_kind(t.target, params, [&](auto kind) {
+          with_row_shape(tpr, [&](auto threads, auto rows) {
+            constexpr int kTarget = decltype(kind)::value;
+            constexpr int TPR = decltype(threads)::value;
+            constexpr int RPB = decltype(rows)::value;
+            tes_backward_kernel<kTarget, scalar_t, acc_t, TPR, RPB>
+                <<<row_blocks(B, RPB, TPR * RPB, device), TPR * RPB, 0, stream>>>(args);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          });
         });
       });
 }

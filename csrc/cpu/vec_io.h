@@ -1,0 +1,85 @@
+// The CPU kernels' vector plumbing: loads and stores in the accumulation type
+// (half types widen to float and round back once), a row's zero-padded last
+// vector, and reductions across lanes. Built on at::vec, for the ISA the
+// kernels are compiled for.
+#pragma once
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <cstdint>
+#include <type_traits>
+
+namespace tesloss {
+
+using at::vec::Vectorized;
+
+// Loads one vector of the accumulation type; half types widen to float.
+template <typename acc_t, typename scalar_t>
+inline Vectorized<acc_t> load_acc(const scalar_t* ptr) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return Vectorized<acc_t>::loadu(ptr);
+  } else {
+    Vectorized<float> out;
+    at::vec::load_to_float(ptr, out);
+    return out;
+  }
+}
+
+// Stores one vector of the accumulation type as scalar_t, rounding once.
+template <typename scalar_t, typename acc_t>
+inline void store_acc(scalar_t* ptr, const Vectorized<acc_t>& v) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    v.store(ptr);
+  } else {
+    at::vec::convert_from_float<scalar_t>(v, v).store(ptr, Vectorized<float>::size());
+  }
+}
+
+// The last `count` (< one vector) elements of a row, widened to acc_t and
+// padded with zeros to a whole vector.
+template <typename acc_t, typename scalar_t>
+inline Vectorized<acc_t> load_acc_tail(const scalar_t* ptr, int64_t count) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return Vectorized<acc_t>::loadu(ptr, count);  // a masked load where the ISA has one
+  }
+  alignas(64) acc_t lanes[Vectorized<acc_t>::size()] = {};
+  for (int64_t k = 0; k < count; ++k) lanes[k] = static_cast<acc_t>(ptr[k]);
+  return Vectorized<acc_t>::loadu(lanes);
+}
+
+// v in the first `count` lanes and `fill` in the rest (Vec::set does this with
+// a 16-way switch that the compiler leaves as a call).
+template <typename acc_t>
+inline Vectorized<acc_t> first_lanes(const Vectorized<acc_t>& v, const Vectorized<acc_t>& fill,
+                                     int64_t count) {
+  using Vec = Vectorized<acc_t>;
+  const Vec lane = Vec::arange(acc_t(0), acc_t(1));
+  return Vec::blendv(fill, v, lane < Vec(static_cast<acc_t>(count)));
+}
+
+// Horizontal sum and max of one vector, by halving shuffles (at::vec).
+template <typename acc_t>
+inline acc_t lane_sum(const Vectorized<acc_t>& v) {
+  return at::vec::vec_reduce_all<acc_t>(
+      [](const Vectorized<acc_t>& a, const Vectorized<acc_t>& b) { return a + b; }, v);
+}
+
+// Not nan-aware: the forward finds nan logits another way (block_row_state).
+template <typename acc_t>
+inline acc_t lane_max(const Vectorized<acc_t>& v) {
+  return at::vec::vec_reduce_all<acc_t>(
+      [](const Vectorized<acc_t>& a, const Vectorized<acc_t>& b) {
+        return at::vec::clamp_min(a, b);
+      },
+      v);
+}
+
+// tes_loss.h's weighted(), lane by lane.
+template <typename T>
+inline Vectorized<T> weighted(const Vectorized<T>& e, const Vectorized<T>& x) {
+  const Vectorized<T> zero(T(0));
+  return Vectorized<T>::blendv(e * x, zero, e == zero);
+}
+
+}  // namespace tesloss
