@@ -119,35 +119,49 @@ fi
 
 cat >"$LOGS/sanitize_case.py" <<'EOF'
 """Forward and backward of the fused op on small cases that reach every launch
-shape, misaligned and row-strided rows, ignored rows and an empty batch."""
+shape, misaligned and row-strided rows, ignored rows, an empty batch, and each
+kind of target: class indices, smoothed ones, and probability rows (misaligned
+too)."""
 import torch
 
 import tesloss
 
 assert tesloss.backend_info()["cuda_compiled"], "tesloss has no CUDA kernels"
-CASES = [  # (B, C), dtype, reduction, vis column offset, txt column offset
-    ((3, 7), torch.float32, "mean", 0, 0),
-    ((5, 1001), torch.bfloat16, "none", 1, 3),
-    ((9, 1000), torch.float32, "sum", 0, 0),
-    ((40, 100), torch.float16, "mean", 2, 2),
-    ((2, 9000), torch.float64, "mean", 0, 1),
-    ((3, 20000), torch.bfloat16, "mean", 0, 0),
-    ((0, 5), torch.float32, "mean", 0, 0),
+CASES = [  # (B, C), dtype, reduction, vis column offset, txt column offset, target
+    ((3, 7), torch.float32, "mean", 0, 0, "index"),
+    ((5, 1001), torch.bfloat16, "none", 1, 3, "index"),
+    ((9, 1000), torch.float32, "sum", 0, 0, "index"),
+    ((40, 100), torch.float16, "mean", 2, 2, "index"),
+    ((2, 9000), torch.float64, "mean", 0, 1, "index"),
+    ((3, 20000), torch.bfloat16, "mean", 0, 0, "index"),
+    ((0, 5), torch.float32, "mean", 0, 0, "index"),
+    ((5, 1001), torch.bfloat16, "mean", 1, 1, "smoothed"),
+    ((3, 20000), torch.float32, "none", 0, 0, "smoothed"),
+    ((5, 1001), torch.bfloat16, "mean", 0, 0, "probs"),
+    ((9, 1000), torch.float32, "sum", 1, 1, "probs"),
+    ((2, 9000), torch.float64, "mean", 0, 0, "probs"),
+    ((3, 20000), torch.bfloat16, "none", 2, 2, "probs"),
 ]
-for (batch, num_classes), dtype, reduction, vis_offset, txt_offset in CASES:
+for (batch, num_classes), dtype, reduction, vis_offset, txt_offset, kind in CASES:
     width = num_classes + 4
 
-    def logits(offset):
+    def rows(offset, dtype):
         base = torch.randn(batch, width, device="cuda").to(dtype)
-        return base[:, offset:offset + num_classes].detach().requires_grad_()
+        return base[:, offset:offset + num_classes]
 
-    vis, txt = logits(vis_offset), logits(txt_offset)
+    vis, txt = (rows(o, dtype).detach().requires_grad_() for o in (vis_offset, txt_offset))
     target = torch.randint(0, num_classes, (batch,), device="cuda")
     target[::3] = -100
-    loss = tesloss.fused_tes_loss(vis, txt, target, reduction=reduction)
+    if kind == "probs":  # fp32 rows (fp64 for fp64), at the logits' column offset
+        target = rows(vis_offset, torch.float64 if dtype == torch.float64 else torch.float32)
+        target.copy_(target.softmax(1))  # in place: the rows keep their offset
+    smoothing = 0.0 if kind == "index" else 0.1
+    loss = tesloss.fused_tes_loss(vis, txt, target, reduction=reduction,
+                                  label_smoothing=smoothing)
     loss.sum().backward()
     torch.cuda.synchronize()
-    print(f"B={batch} C={num_classes} {dtype} {reduction}: loss {loss.sum().item():.4f}")
+    print(f"B={batch} C={num_classes} {dtype} {reduction} {kind}: "
+          f"loss {loss.sum().item():.4f}")
 EOF
 sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
 # Without the caching allocator each tensor is its own allocation, so an access
