@@ -11,6 +11,10 @@ Providers
 
 Modes: forward (the loss call), backward (loss.backward(), the forward untimed), full (both).
 
+Targets (--targets): index (class indices, the published recipe, the default), smoothed (the
+same with label_smoothing 0.1) and mixup (fp32 [B, C] class probabilities, each row a mix of
+two labels smoothed by 0.1, as timm's Mixup makes them). Liger takes class indices only.
+
 Every provider's loss and gradients are first compared with the reference in float64 (the
 correctness gate); one that fails is not timed, and the script exits 1. Then the providers
 take turns; the report gives medians and p20/p80 of single calls, ratios against the peers
@@ -20,7 +24,9 @@ measures as it does.
 
 Bytes model, the least traffic any implementation needs, with E the logits' element size:
 forward reads both logits (2*B*C*E), backward reads both and writes both gradients (4*B*C*E),
-full is the sum (6*B*C*E); labels and O(B) statistics are left out.
+full is the sum (6*B*C*E); a probability target adds one read of its B*C*T bytes to the
+forward and one to the backward (T its element size); class indices and O(B) statistics are
+left out.
 
 Results are appended to bench/out/bench_<device>.csv (not tracked). With --record they go to
 bench/results/bench_<device>.csv instead, with the printed report in
@@ -34,6 +40,8 @@ Examples
 """
 import argparse
 import datetime
+import functools
+import itertools
 import sys
 import time
 from pathlib import Path
@@ -57,6 +65,10 @@ CUDA_SHAPES = [(256, 1000), (4096, 16384), (8192, 32768), (256, 100), (1024, 100
                (256, 21843)]
 QUICK_SHAPES = [(256, 1000)]
 ELEMENT_PASSES = {"forward": 2, "backward": 4, "full": 6}  # [B, C] passes of the bytes model
+TARGET_PASSES = {"forward": 1, "backward": 1, "full": 2}  # of a probability target
+TARGET_FORMS = ("index", "smoothed", "mixup")
+SMOOTHING = 0.1  # timm train.py's default, for the smoothed and mixup targets
+MIXUP_LAMBDA = 0.7
 
 IGNORE_INDEX = -100
 IGNORED_FRACTION = 0.05
@@ -87,6 +99,9 @@ def parse_args(argv=None):
     parser.add_argument("--dtypes", type=_choices(DTYPES),
                         help="default: fp32,bf16 (and fp16 on CUDA); --quick: fp32")
     parser.add_argument("--shapes", type=_shapes, help="BxC,... e.g. 256x1000,256x21843")
+    parser.add_argument("--targets", type=_choices(TARGET_FORMS), default=("index",),
+                        help=f"comma-separated subset of {','.join(TARGET_FORMS)} (default: "
+                             "index)")
     parser.add_argument("--reps", type=int,
                         help="timed calls per provider (default: adaptive, about "
                              f"{harness.REP_BUDGET_S['cpu']} s per cell on CPU, "
@@ -163,21 +178,27 @@ def _shapes(text):
     return shapes
 
 
-def make_inputs(batch, num_classes, dtype, device, seed):
+def make_inputs(batch, num_classes, dtype, device, seed, target_form="index"):
     """vis_logits ~ N(0, VIS_STD^2); txt_logits are cosine similarities between normalized
     random image embeddings, pulled towards their label's class embedding, and normalized
-    random class embeddings; IGNORED_FRACTION of the rows ignored."""
+    random class embeddings; IGNORED_FRACTION of the rows ignored (class indices), or, for
+    mixup, fp32 rows MIXUP_LAMBDA * onehot(y) + (1 - MIXUP_LAMBDA) * onehot(y of the
+    reversed batch), smoothed by SMOOTHING (timm's mixup_target)."""
     gen = torch.Generator(device=device).manual_seed(seed)
-    target = torch.randint(num_classes, (batch,), generator=gen, device=device)
+    labels = torch.randint(num_classes, (batch,), generator=gen, device=device)
     ignored = torch.rand(batch, generator=gen, device=device) < IGNORED_FRACTION
     ignored[0] = False  # at least one row counts, so "mean" is a number
-    target = torch.where(ignored, IGNORE_INDEX, target)
+    target = torch.where(ignored, IGNORE_INDEX, labels)
+    if target_form == "mixup":
+        off, on = SMOOTHING / num_classes, 1 - SMOOTHING + SMOOTHING / num_classes
+        onehot = F.one_hot(labels, num_classes).float() * (on - off) + off
+        target = MIXUP_LAMBDA * onehot + (1 - MIXUP_LAMBDA) * onehot.flip(0)
 
     vis_logits = VIS_STD * torch.randn(batch, num_classes, generator=gen, device=device)
     class_embed = F.normalize(torch.randn(num_classes, EMBED_DIM, generator=gen, device=device),
                               dim=1)
     image_embed = torch.randn(batch, EMBED_DIM, generator=gen, device=device) / EMBED_DIM ** 0.5
-    image_embed = image_embed + LABEL_PULL * class_embed[target.clamp(min=0)]
+    image_embed = image_embed + LABEL_PULL * class_embed[labels]
     txt_logits = F.normalize(image_embed, dim=1) @ class_embed.T
     return vis_logits.to(dtype), txt_logits.to(dtype), target
 
@@ -252,30 +273,44 @@ PER_CASE = {"torch_compile"}  # set up afresh for every shape and dtype
 # One shape and dtype
 
 
-def run_case(batch, num_classes, dtype_name, providers, args, timer, copy_gbps):
+def with_target_form(fn, target_form):
+    """The provider's loss function for this form of target: smoothed ones take
+    label_smoothing, as the recipe does (mixup targets come smoothed)."""
+    if target_form != "smoothed":
+        return fn
+    return functools.partial(fn, label_smoothing=SMOOTHING)
+
+
+def run_case(batch, num_classes, dtype_name, target_form, providers, args, timer, copy_gbps):
     """The case's result rows, whether a provider failed its gate, and any contradictions."""
     device, dtype = args.device, DTYPES[dtype_name]
     shape = f"{batch}x{num_classes}"
-    inputs = make_inputs(batch, num_classes, dtype, device, args.seed)
-    expected = harness.evaluate(reference.tes_loss, *(x.double() if x.is_floating_point() else x
-                                                      for x in inputs))
+    inputs = make_inputs(batch, num_classes, dtype, device, args.seed, target_form)
+    recipe = with_target_form(reference.tes_loss, target_form)
+    # The target's probabilities stay fp32, as Mixup makes them: only the logits go to fp64.
+    expected = harness.evaluate(recipe, *(x.double() if i < 2 else x
+                                          for i, x in enumerate(inputs)))
     element_bytes = inputs[0].element_size()
     working_set = 4 * batch * num_classes * element_bytes  # inputs and gradients
     flush = device == "cuda" and working_set <= 2 * timer.l2_bytes
-    print(f"\n== {shape} {dtype_name}" + (
+    print(f"\n== {shape} {dtype_name} {target_form} targets" + (
         f": L2 flush before each call: {'yes' if flush else 'no'} (inputs+grads "
         f"{working_set / 1e6:.1f} MB, L2 {timer.l2_bytes / 1e6:.0f} MB)" if device == "cuda"
         else ""))
 
     limit = MAX_REL_ERR_GATE
     if dtype in (torch.bfloat16, torch.float16):
-        recipe_err = harness.max_rel_err(harness.evaluate(reference.tes_loss, *inputs), expected)
+        recipe_err = harness.max_rel_err(harness.evaluate(recipe, *inputs), expected)
         limit = max(HALF_GATE_FLOOR, HALF_GATE_FACTOR * recipe_err)
         print(f"   correctness gate: max_rel_err <= {limit:.2e} (the recipe computed in "
               f"{dtype_name} is off by {recipe_err:.2e})")
 
     fns, errors, failed = {}, {}, False
     for name, fn in providers.items():
+        if name == "liger" and target_form != "index":
+            print(f"   note: liger skipped for {target_form} targets: this composition of "
+                  f"Liger's losses takes class indices only")
+            continue
         if name in PER_CASE:
             begin = time.perf_counter()
             try:
@@ -286,6 +321,7 @@ def run_case(batch, num_classes, dtype_name, providers, args, timer, copy_gbps):
                       f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
                 continue
             print(f"   {name}: set up in {time.perf_counter() - begin:.1f} s")
+        fn = with_target_form(fn, target_form)
         err = harness.gate(name, fn, inputs, expected, limit)
         if err is None:
             failed = True
@@ -300,9 +336,12 @@ def run_case(batch, num_classes, dtype_name, providers, args, timer, copy_gbps):
     for mode in args.modes if fns else ():
         times, peaks = harness.time_mode(mode, fns, leaves, timer, args.warmup, args.reps, flush)
         nbytes = ELEMENT_PASSES[mode] * batch * num_classes * element_bytes
+        if inputs[2].is_floating_point():
+            nbytes += TARGET_PASSES[mode] * inputs[2].numel() * inputs[2].element_size()
         for name in fns:
             mid = harness.median(times[name])
             row = dict(provider=name, mode=mode, dtype=dtype_name, B=batch, C=num_classes,
+                       target=target_form,
                        median_ms=mid, p20_ms=harness.quantile(times[name], 0.2),
                        p80_ms=harness.quantile(times[name], 0.8),
                        gbps=nbytes / (mid * 1e-3) / 1e9, peak_mem_mb=peaks[name],
@@ -357,7 +396,8 @@ def run(args):
     print(f"tesloss {tesloss.__version__} benchmark on {device} ({machine['device_name']}, "
           f"{threads}), torch {torch.__version__}, {machine['timestamp']}")
     print("bytes model: forward reads vis and txt (2*B*C elements), backward reads both and "
-          "writes both gradients (4*B*C), full = 6*B*C; GB/s = bytes / median time")
+          "writes both gradients (4*B*C), full = 6*B*C; a probability target adds a read of "
+          "its B*C elements to the forward and to the backward; GB/s = bytes / median time")
     print(f"% copy: against torch copy_ of {harness.COPY_BYTES[device] >> 20} MiB "
           f"({'device to device' if device == 'cuda' else 'memory to memory'}, read + write "
           f"bytes) measured now: {copy_gbps:.1f} GB/s")
@@ -381,9 +421,9 @@ def run(args):
 
     rows, failed, contradictions = [], False, []
     for batch, num_classes in args.shapes:
-        for dtype_name in args.dtypes:
+        for dtype_name, target_form in itertools.product(args.dtypes, args.targets):
             case_rows, case_failed, case_contradictions = run_case(
-                batch, num_classes, dtype_name, providers, args, timer, copy_gbps)
+                batch, num_classes, dtype_name, target_form, providers, args, timer, copy_gbps)
             # Each case's rows are written as soon as they exist, so a run cut short by a
             # time limit keeps what it measured.
             harness.append_csv(args.out, case_rows, machine)

@@ -16,7 +16,7 @@ import time
 import torch
 
 CSV_COLUMNS = ["timestamp", "device", "device_name", "torch_version", "tesloss_version",
-               "provider", "mode", "dtype", "B", "C", "median_ms", "p20_ms", "p80_ms", "gbps",
+               "provider", "mode", "dtype", "B", "C", "target", "median_ms", "p20_ms", "p80_ms", "gbps",
                "pct_of_peak", "peak_mem_mb", "max_rel_err"]
 MODES = ("forward", "backward", "full")
 
@@ -278,7 +278,8 @@ def append_csv(path, rows, machine):
             writer.writerow([
                 machine["timestamp"], machine["device"], machine["device_name"],
                 machine["torch_version"], machine["tesloss_version"], row["provider"],
-                row["mode"], row["dtype"], row["B"], row["C"], f"{row['median_ms']:.6g}",
+                row["mode"], row["dtype"], row["B"], row["C"], row["target"],
+                f"{row['median_ms']:.6g}",
                 f"{row['p20_ms']:.6g}", f"{row['p80_ms']:.6g}", f"{row['gbps']:.4g}",
                 f"{row['pct_of_peak']:.2f}",
                 "" if row["peak_mem_mb"] is None else f"{row['peak_mem_mb']:.1f}",
@@ -287,14 +288,17 @@ def append_csv(path, rows, machine):
 
 
 def markdown_table(rows, machine, copy_gbps, providers, labels, subject):
-    """Full-mode results, one line per (shape, dtype), `subject`'s ratio over each peer."""
+    """Full-mode results, one line per (shape, dtype, target), `subject`'s ratio over each
+    peer. The target column is shown where the rows hold more than class indices."""
     full = [row for row in rows if row["mode"] == "full"]
     if not full:
         return "(no full-mode results for the Markdown table)"
     present = [name for name in providers if any(row["provider"] == name for row in full)]
     peers = [name for name in present if name != subject]
     mine_present = subject in present
-    header = (["shape (B×C)", "dtype"] + [f"{labels[name]} ms" for name in present]
+    show_target = any(row["target"] != "index" for row in full)
+    header = (["shape (B×C)", "dtype"] + (["target"] if show_target else [])
+              + [f"{labels[name]} ms" for name in present]
               + ([f"vs {labels[name]}" for name in peers] if mine_present else [])
               + ([f"{labels[subject]} GB/s (% of copy)"] if mine_present else []))
     turns = ("one call per turn" if RUN_LENGTH[machine["device"]] == 1
@@ -303,11 +307,11 @@ def markdown_table(rows, machine, copy_gbps, providers, labels, subject):
              f"{machine['device_name']}, {machine['threads']}, torch {machine['torch_version']}, "
              f"copy bandwidth {copy_gbps:.1f} GB/s.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    cases = list(dict.fromkeys((row["B"], row["C"], row["dtype"]) for row in full))
-    for batch, num_classes, dtype_name in cases:
-        by_provider = {row["provider"]: row for row in full
-                       if (row["B"], row["C"], row["dtype"]) == (batch, num_classes, dtype_name)}
-        cells = [f"{batch}×{num_classes}", dtype_name]
+    case_of = lambda row: (row["B"], row["C"], row["dtype"], row["target"])  # noqa: E731
+    for case in dict.fromkeys(case_of(row) for row in full):
+        batch, num_classes, dtype_name, target = case
+        by_provider = {row["provider"]: row for row in full if case_of(row) == case}
+        cells = [f"{batch}×{num_classes}", dtype_name] + ([target] if show_target else [])
         cells += [f"{by_provider[name]['median_ms']:.3g}" if name in by_provider else "–"
                   for name in present]
         mine = by_provider.get(subject)

@@ -8,7 +8,8 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_loss.py"
 
 CSV_COLUMNS = ["timestamp", "device", "device_name", "torch_version", "tesloss_version",
-               "provider", "mode", "dtype", "B", "C", "median_ms", "p20_ms", "p80_ms", "gbps",
+               "provider", "mode", "dtype", "B", "C", "target", "median_ms", "p20_ms",
+               "p80_ms", "gbps",
                "pct_of_peak", "peak_mem_mb", "max_rel_err"]
 
 
