@@ -38,6 +38,25 @@ def grid():
     return np.linspace(-0.5, 0.5, GRID_POINTS).astype(np.float32)
 
 
+def solve(matrix, rhs):
+    """matrix^-1 rhs by Gaussian elimination with partial pivoting, in plain float64
+    Python: np.linalg.solve goes through OpenBLAS, whose kernel is chosen for the CPU at
+    run time, and its last bits moved the fitted coefficients by one float32 step from one
+    machine to another (2026-12-02), failing --check."""
+    rows = [[*map(float, row), float(b)] for row, b in zip(matrix.tolist(), rhs.tolist())]
+    n = len(rows)
+    for col in range(n):
+        pivot = max(range(col, n), key=lambda r: abs(rows[r][col]))
+        rows[col], rows[pivot] = rows[pivot], rows[col]
+        for r in range(col + 1, n):
+            factor = rows[r][col] / rows[col][col]
+            rows[r] = [a - factor * b for a, b in zip(rows[r], rows[col])]
+    x = [0.0] * n
+    for r in reversed(range(n)):
+        x[r] = (rows[r][n] - sum(rows[r][k] * x[k] for k in range(r + 1, n))) / rows[r][r]
+    return np.array(x)
+
+
 def remez(f64, iterations=60):
     """Minimax coefficients (lowest degree first, the first 1) of the relative error of
     p(f) = 1 + f r(f) against 2^f."""
@@ -53,7 +72,7 @@ def remez(f64, iterations=60):
     for _ in range(iterations):
         system = np.column_stack([points ** k for k in range(DEGREE)]
                                  + [(-1.0) ** np.arange(nodes) / weight(points)])
-        r = np.linalg.solve(system, target(points))[:-1]
+        r = solve(system, target(points))[:-1]
         error = (np.polyval(r[::-1], f64) - target(f64)) * weight(f64)
         # The new reference points: the largest |error| between sign changes, leaving out
         # f = 0, where the error is 0 by construction; then the largest at either end.
