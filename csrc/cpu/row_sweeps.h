@@ -1,0 +1,271 @@
+// The CPU kernels' sweeps over one row, forward and backward: the row's
+// columns are read a block at a time and vectorized with at::vec, and every
+// formula comes from ../tes_loss.h. tes_loss_cpu.cpp spreads the rows over
+// threads and sums the batch. Included there only, once per CPU capability.
+#pragma once
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+
+#include "cpu/vec_io.h"
+#include "tes_loss.h"
+
+namespace tesloss {
+namespace cpu {
+
+using at::vec::Vectorized;
+
+// Columns per block: a block of z and t stays in L1 between the forward's two
+// sweeps over it, so the row is read from memory once.
+inline constexpr int64_t kBlock = 1024;
+
+// The forward's second sweep over a block of n columns: the sums of
+// exponentials and the gaps, given the block's maxima. The last, partial
+// vector is zero-padded and its padded lanes get weight 0. Each gap term is a
+// weight times a difference the exponent already needed, so the gaps cost one
+// fused multiply-add each. Two things the plain sums cannot take are left to
+// a second, careful sum (kCareful): a weight of 0 against an infinite
+// difference (a masked class) makes nan, where the term is 0; and a lane's gap
+// can overflow where the row's spread is near the largest float. The careful
+// sum scales each term by kGapScale (the plain one scales the lane sums) and
+// gives a zero weight a zero term. `probs` is the block's target row
+// (kHasProbs only).
+template <bool kCareful, int kTarget, typename scalar_t, typename acc_t>
+RowState<acc_t> block_state(const scalar_t* vis, const scalar_t* txt, const acc_t* probs,
+                            int64_t n, const RowParams<acc_t>& p, acc_t max_vis, acc_t max_txt) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
+  const Vec shift_vis(softmax_shift(max_vis)), shift_txt(softmax_shift(max_txt)), zero(0);
+  const Vec gap_scale(static_cast<acc_t>(kCareful ? kGapScale : 1.0));
+  const ScaledExp<acc_t> exp_vis(acc_t(1));  // exp(z - max z)
+  const TextExp<acc_t, kCareful> exp_txt(p);  // exp((t - max t) / tau), accurately
+  Vec sum_vis(0), sum_txt(0), gap_vis(0), gap_txt(0);
+  Vec uni_vis(0), uni_txt(0), mass(0), y_vis(0), y_txt(0);
+  const auto add = [&](const Vec& z, const Vec& t, const Vec& y, int64_t lanes) {
+    Vec d_vis = z - shift_vis;  // <= 0
+    Vec d_txt = t - shift_txt;
+    Vec e_vis = exp_vis(d_vis);
+    Vec e = exp_txt(d_txt);
+    if (lanes < W) {
+      e_vis = first_lanes(e_vis, zero, lanes);
+      e = first_lanes(e, zero, lanes);
+    }
+    sum_vis += e_vis;
+    sum_txt += e;
+    if constexpr (kCareful) {  // as chunk_state does it on CUDA
+      const Vec w = e * gap_scale;
+      gap_vis -= weighted(w, d_vis);
+      gap_txt -= weighted(w, d_txt);
+    } else {
+      gap_vis = at::vec::fnmadd(e, d_vis, gap_vis);
+      gap_txt = at::vec::fnmadd(e, d_txt, gap_txt);
+    }
+    if constexpr (kHasProbs<kTarget>) {  // padded lanes have y = 0
+      mass += y;
+      if constexpr (kCareful) {
+        const Vec w = y * gap_scale;
+        y_vis -= weighted(w, d_vis);
+        y_txt -= weighted(w, d_txt);
+      } else {
+        y_vis = at::vec::fnmadd(y, d_vis, y_vis);
+        y_txt = at::vec::fnmadd(y, d_txt, y_txt);
+      }
+    }
+    if constexpr (kHasUniform<kTarget>) {
+      if (lanes < W) {
+        d_vis = first_lanes(d_vis, zero, lanes);
+        d_txt = first_lanes(d_txt, zero, lanes);
+      }
+      uni_vis = at::vec::fnmadd(d_vis, gap_scale, uni_vis);
+      uni_txt = at::vec::fnmadd(d_txt, gap_scale, uni_txt);
+    }
+  };
+  const auto load_probs = [&](int64_t j, int64_t count) {
+    if constexpr (!kHasProbs<kTarget>) return zero;
+    return count < W ? load_acc_tail<acc_t>(probs + j, count) : Vec::loadu(probs + j);
+  };
+  const int64_t n_full = n - n % W;
+  for (int64_t j = 0; j < n_full; j += W) {
+    add(load_acc<acc_t>(vis + j), load_acc<acc_t>(txt + j), load_probs(j, W), W);
+  }
+  if (n_full < n) {
+    add(load_acc_tail<acc_t>(vis + n_full, n - n_full),
+        load_acc_tail<acc_t>(txt + n_full, n - n_full), load_probs(n_full, n - n_full),
+        n - n_full);
+  }
+  const Vec lane_scale(static_cast<acc_t>(kCareful ? 1.0 : kGapScale));
+  RowState<acc_t> out = row_state_empty<acc_t>();
+  out.max_vis = max_vis;
+  out.sum_vis = lane_sum(sum_vis);
+  out.max_txt = max_txt;
+  out.sum_txt = lane_sum(sum_txt);
+  out.gap_vis = lane_sum(gap_vis * lane_scale);
+  out.gap_txt = lane_sum(gap_txt * lane_scale);
+  if constexpr (kHasUniform<kTarget>) {
+    out.count = static_cast<acc_t>(n);
+    out.uni_vis = lane_sum(uni_vis * lane_scale);
+    out.uni_txt = lane_sum(uni_txt * lane_scale);
+  }
+  if constexpr (kHasProbs<kTarget>) {
+    out.mass = lane_sum(mass);
+    out.y_vis = lane_sum(y_vis * lane_scale);
+    out.y_txt = lane_sum(y_txt * lane_scale);
+  }
+  return out;
+}
+
+template <typename acc_t>
+bool gaps_finite(const RowState<acc_t>& s) {
+  return std::isfinite(s.gap_vis) && std::isfinite(s.gap_txt) && std::isfinite(s.uni_vis) &&
+         std::isfinite(s.uni_txt) && std::isfinite(s.y_vis) && std::isfinite(s.y_txt);
+}
+
+// The statistics of one block of n columns: its maxima (first sweep), then
+// block_state (second sweep). The first sweep's max does not look for nan: a
+// nan logit makes a gap in the second sweep nan, and so does a weight of 0
+// against an infinite logit; either, or a gap that overflowed, sends the block
+// down the careful path, which takes maxima that keep nan (so a nan logit
+// makes the row's loss nan) and guards the terms.
+template <int kTarget, typename scalar_t, typename acc_t>
+RowState<acc_t> block_row_state(const scalar_t* vis, const scalar_t* txt, const acc_t* probs,
+                                int64_t n, const RowParams<acc_t>& p) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
+  constexpr acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  Vec max_vis_v(neg_inf), max_txt_v(neg_inf);
+  const int64_t n_full = n - n % W;
+  for (int64_t j = 0; j < n_full; j += W) {
+    max_vis_v = at::vec::clamp_min(max_vis_v, load_acc<acc_t>(vis + j));
+    max_txt_v = at::vec::clamp_min(max_txt_v, load_acc<acc_t>(txt + j));
+  }
+  if (n_full < n) {
+    const Vec pad(neg_inf);
+    max_vis_v = at::vec::clamp_min(
+        max_vis_v, first_lanes(load_acc_tail<acc_t>(vis + n_full, n - n_full), pad, n - n_full));
+    max_txt_v = at::vec::clamp_min(
+        max_txt_v, first_lanes(load_acc_tail<acc_t>(txt + n_full, n - n_full), pad, n - n_full));
+  }
+  const acc_t max_vis = lane_max(max_vis_v);
+  const acc_t max_txt = lane_max(max_txt_v);
+  RowState<acc_t> block = block_state<false, kTarget>(vis, txt, probs, n, p, max_vis, max_txt);
+  if (!gaps_finite(block)) {
+    acc_t careful_max_vis = neg_inf, careful_max_txt = neg_inf;
+    for (int64_t j = 0; j < n; ++j) {
+      careful_max_vis = nan_max(careful_max_vis, static_cast<acc_t>(vis[j]));
+      careful_max_txt = nan_max(careful_max_txt, static_cast<acc_t>(txt[j]));
+    }
+    block = block_state<true, kTarget>(vis, txt, probs, n, p, careful_max_vis, careful_max_txt);
+  }
+  return block;
+}
+
+// One row of the forward: the online softmax, a block of columns at a time.
+// `label` is the row's class index (unused for probability targets).
+template <int kTarget, typename scalar_t, typename acc_t>
+void forward_row(const scalar_t* vis, const scalar_t* txt, const acc_t* probs, int64_t C,
+                 int64_t label, const RowParams<acc_t>& p, acc_t* out) {
+  const auto block = [&](int64_t start) {
+    return block_row_state<kTarget>(vis + start, txt + start,
+                                    kHasProbs<kTarget> ? probs + start : nullptr,
+                                    std::min(kBlock, C - start), p);
+  };
+  RowState<acc_t> row = block(0);
+  for (int64_t start = kBlock; start < C; start += kBlock) {
+    row = row_state_merge<kTarget>(row, block(start), p);
+  }
+  if constexpr (kHasProbs<kTarget>) {
+    row_finalize<kTarget>(row, acc_t(0), acc_t(0), p, out);
+  } else {
+    row_finalize<kTarget>(row, static_cast<acc_t>(vis[label]), static_cast<acc_t>(txt[label]), p,
+                          out);
+  }
+}
+
+// One row of the backward: reads z, t (and a probability target) once, writes
+// both gradients once. Whole vectors take every column; for a class index,
+// the label's column is written again at the end.
+template <int kTarget, typename scalar_t, typename acc_t>
+void backward_row(const scalar_t* vis, const scalar_t* txt, const acc_t* probs, int64_t C,
+                  int64_t label, const GradRow<acc_t>& r, scalar_t* grad_vis,
+                  scalar_t* grad_txt) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
+  const auto column = [&](int64_t j) {
+    if constexpr (kHasProbs<kTarget>) {
+      grad_column_probs(vis[j], txt[j], probs[j], r, grad_vis[j], grad_txt[j]);
+    } else {
+      grad_column<kTarget>(vis[j], txt[j], j == label, r, grad_vis[j], grad_txt[j]);
+    }
+  };
+  // A row with a nan logit has a nan max; the vector exp need not keep that
+  // nan, so such a row takes the scalar path for every column.
+  if (std::isnan(r.max_vis) || std::isnan(r.max_txt)) {
+    for (int64_t j = 0; j < C; ++j) column(j);
+    return;
+  }
+  const Vec max_vis(r.max_vis), max_txt(r.max_txt), g_vis(r.g_vis), g_ref(r.g_ref),
+      g_txt(r.g_txt), g_uni_vis(r.g_uni_vis), g_uni_txt(r.g_uni_txt), g_y_vis(r.g_y_vis),
+      g_y_txt(r.g_y_txt);
+  const ScaledExp<acc_t> exp_vis(acc_t(1)), exp_txt(r.inv_tau);
+  // Columns j.. of one vector: y is the target's weights (kHasProbs only).
+  const auto grads = [&](const Vec& z, const Vec& t, const Vec& y, Vec& gv, Vec& gt) {
+    const Vec e_vis = exp_vis(z - max_vis);
+    const Vec e_txt = exp_txt(t - max_txt);
+    gv = at::vec::fmsub(g_vis, e_vis, g_ref * e_txt);
+    gt = g_txt * e_txt;
+    if constexpr (kHasProbs<kTarget>) {
+      gv = gv - at::vec::fmadd(g_y_vis, y, g_uni_vis);
+      gt = gt - at::vec::fmadd(g_y_txt, y, g_uni_txt);
+    } else if constexpr (kHasUniform<kTarget>) {
+      gv = gv - g_uni_vis;
+      gt = gt - g_uni_txt;
+    }
+  };
+  const auto load_probs = [&](int64_t j, int64_t count) {
+    if constexpr (!kHasProbs<kTarget>) return Vec(0);
+    return count < W ? load_acc_tail<acc_t>(probs + j, count) : Vec::loadu(probs + j);
+  };
+  const int64_t n_full = C - C % W;
+  Vec gv, gt;
+  int64_t j = 0;
+  if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+    // A vector of a half type holds two float vectors: convert them back
+    // together, which costs what converting one alone does.
+    Vec gv_hi, gt_hi;
+    for (; j + 2 * W <= C; j += 2 * W) {
+      grads(load_acc<acc_t>(vis + j), load_acc<acc_t>(txt + j), load_probs(j, W), gv, gt);
+      grads(load_acc<acc_t>(vis + j + W), load_acc<acc_t>(txt + j + W), load_probs(j + W, W),
+            gv_hi, gt_hi);
+      at::vec::convert_from_float<scalar_t>(gv, gv_hi).store(grad_vis + j);
+      at::vec::convert_from_float<scalar_t>(gt, gt_hi).store(grad_txt + j);
+    }
+  }
+  for (; j < n_full; j += W) {
+    grads(load_acc<acc_t>(vis + j), load_acc<acc_t>(txt + j), load_probs(j, W), gv, gt);
+    store_acc(grad_vis + j, gv);
+    store_acc(grad_txt + j, gt);
+  }
+  if (n_full < C) {  // the last, partial vector, zero-padded
+    grads(load_acc_tail<acc_t>(vis + n_full, C - n_full),
+          load_acc_tail<acc_t>(txt + n_full, C - n_full), load_probs(n_full, C - n_full), gv,
+          gt);
+    alignas(64) acc_t vis_tail[W];
+    alignas(64) acc_t txt_tail[W];
+    gv.store(vis_tail);
+    gt.store(txt_tail);
+    for (int64_t k = 0; k < C - n_full; ++k) {
+      grad_vis[n_full + k] = static_cast<scalar_t>(vis_tail[k]);
+      grad_txt[n_full + k] = static_cast<scalar_t>(txt_tail[k]);
+    }
+  }
+  if constexpr (!kHasProbs<kTarget>) column(label);
+}
+
+}  // namespace cpu
+}  // namespace tesloss
