@@ -25,17 +25,24 @@ using at::vec::Vectorized;
 // sweeps over it, so the row is read from memory once.
 inline constexpr int64_t kBlock = 1024;
 
+// Vectors per run: each lane of block_state's sums adds at most this many
+// terms in a row, then the run's sum to the block's. One running sum per lane
+// over a whole block added 128 alike terms in a row (AVX2 fp32), whose
+// half-ulp losses add up instead of cancelling: a Mixup row's mass came out
+// 11 ulps off where torch's cascade sum is 2 (docs/DESIGN.md).
+inline constexpr int64_t kRunVectors = 32;
+
 // The forward's second sweep over a block of n columns: the sums of
-// exponentials and the gaps, given the block's maxima. The last, partial
-// vector is zero-padded and its padded lanes get weight 0. Each gap term is a
-// weight times a difference the exponent already needed, so the gaps cost one
-// fused multiply-add each. Two things the plain sums cannot take are left to
-// a second, careful sum (kCareful): a weight of 0 against an infinite
-// difference (a masked class) makes nan, where the term is 0; and a lane's gap
-// can overflow where the row's spread is near the largest float. The careful
-// sum scales each term by kGapScale (the plain one scales the lane sums) and
-// gives a zero weight a zero term. `probs` is the block's target row
-// (kHasProbs only).
+// exponentials and the gaps, given the block's maxima, in runs of kRunVectors
+// vectors. The last, partial vector is zero-padded and its padded lanes get
+// weight 0. Each gap term is a weight times a difference the exponent already
+// needed, so the gaps cost one fused multiply-add each. Two things the plain
+// sums cannot take are left to a second, careful sum (kCareful): a weight of 0
+// against an infinite difference (a masked class) makes nan, where the term is
+// 0; and a lane's gap can overflow where the row's spread is near the largest
+// float. The careful sum scales each term by kGapScale (the plain one scales
+// the lane sums) and gives a zero weight a zero term. `probs` is the block's
+// target row (kHasProbs only).
 template <bool kCareful, int kTarget, typename scalar_t, typename acc_t>
 RowState<acc_t> block_state(const scalar_t* vis, const scalar_t* txt, const acc_t* probs,
                             int64_t n, const RowParams<acc_t>& p, acc_t max_vis, acc_t max_txt) {
@@ -45,6 +52,18 @@ RowState<acc_t> block_state(const scalar_t* vis, const scalar_t* txt, const acc_
   const Vec gap_scale(static_cast<acc_t>(kCareful ? kGapScale : 1.0));
   const ScaledExp<acc_t> exp_vis(acc_t(1));  // exp(z - max z)
   const TextExp<acc_t, kCareful> exp_txt(p);  // exp((t - max t) / tau), accurately
+  // gap_vis, gap_txt -= w * (d_vis, d_txt), for weights w of the columns.
+  const auto add_gaps = [&](const Vec& w, const Vec& d_vis, const Vec& d_txt, Vec& gap_vis,
+                            Vec& gap_txt) {
+    if constexpr (kCareful) {  // as chunk_state does it on CUDA
+      const Vec scaled = w * gap_scale;
+      gap_vis -= weighted(scaled, d_vis);
+      gap_txt -= weighted(scaled, d_txt);
+    } else {
+      gap_vis = at::vec::fnmadd(w, d_vis, gap_vis);
+      gap_txt = at::vec::fnmadd(w, d_txt, gap_txt);
+    }
+  };
   Vec sum_vis(0), sum_txt(0), gap_vis(0), gap_txt(0);
   Vec uni_vis(0), uni_txt(0), mass(0), y_vis(0), y_txt(0);
   const auto add = [&](const Vec& z, const Vec& t, const Vec& y, int64_t lanes) {
@@ -58,24 +77,10 @@ RowState<acc_t> block_state(const scalar_t* vis, const scalar_t* txt, const acc_
     }
     sum_vis += e_vis;
     sum_txt += e;
-    if constexpr (kCareful) {  // as chunk_state does it on CUDA
-      const Vec w = e * gap_scale;
-      gap_vis -= weighted(w, d_vis);
-      gap_txt -= weighted(w, d_txt);
-    } else {
-      gap_vis = at::vec::fnmadd(e, d_vis, gap_vis);
-      gap_txt = at::vec::fnmadd(e, d_txt, gap_txt);
-    }
+    add_gaps(e, d_vis, d_txt, gap_vis, gap_txt);
     if constexpr (kHasProbs<kTarget>) {  // padded lanes have y = 0
       mass += y;
-      if constexpr (kCareful) {
-        const Vec w = y * gap_scale;
-        y_vis -= weighted(w, d_vis);
-        y_txt -= weighted(w, d_txt);
-      } else {
-        y_vis = at::vec::fnmadd(y, d_vis, y_vis);
-        y_txt = at::vec::fnmadd(y, d_txt, y_txt);
-      }
+      add_gaps(y, d_vis, d_txt, y_vis, y_txt);
     }
     if constexpr (kHasUniform<kTarget>) {
       if (lanes < W) {
@@ -90,15 +95,33 @@ RowState<acc_t> block_state(const scalar_t* vis, const scalar_t* txt, const acc_
     if constexpr (!kHasProbs<kTarget>) return zero;
     return count < W ? load_acc_tail<acc_t>(probs + j, count) : Vec::loadu(probs + j);
   };
+  // The block's sums wait in memory: as registers they pushed the run's out
+  // (docs/DESIGN.md). The first kSums of the run's are those the kind keeps.
+  Vec* const run[] = {&sum_vis, &sum_txt, &gap_vis, &gap_txt, &uni_vis,
+                      &uni_txt, &mass,    &y_vis,   &y_txt};
+  constexpr int kSums = kHasProbs<kTarget> ? 9 : kHasUniform<kTarget> ? 6 : 4;
+  alignas(64) acc_t block[kSums][W] = {};
+  const auto end_run = [&] {
+    for (int k = 0; k < kSums; ++k) {
+      (Vec::loadu(block[k]) + *run[k]).store(block[k]);
+      *run[k] = zero;
+    }
+  };
   const int64_t n_full = n - n % W;
-  for (int64_t j = 0; j < n_full; j += W) {
-    add(load_acc<acc_t>(vis + j), load_acc<acc_t>(txt + j), load_probs(j, W), W);
+  for (int64_t start = 0; start < n_full; start += W * kRunVectors) {
+    const int64_t end = std::min(start + W * kRunVectors, n_full);
+    for (int64_t j = start; j < end; j += W) {
+      add(load_acc<acc_t>(vis + j), load_acc<acc_t>(txt + j), load_probs(j, W), W);
+    }
+    end_run();
   }
   if (n_full < n) {
     add(load_acc_tail<acc_t>(vis + n_full, n - n_full),
         load_acc_tail<acc_t>(txt + n_full, n - n_full), load_probs(n_full, n - n_full),
         n - n_full);
   }
+  end_run();
+  for (int k = 0; k < kSums; ++k) *run[k] = Vec::loadu(block[k]);
   const Vec lane_scale(static_cast<acc_t>(kCareful ? 1.0 : kGapScale));
   RowState<acc_t> out = row_state_empty<acc_t>();
   out.max_vis = max_vis;
