@@ -14,7 +14,7 @@ $(VENV)/.deps: requirements-dev.txt
 	$(PY) -m pip install -r requirements-dev.txt
 	touch $@
 
-$(VENV)/.installed: $(VENV)/.deps setup.py pyproject.toml $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.h csrc/cpu/*.cpp csrc/cuda/*.cuh csrc/cuda/*.h csrc/cuda/*.cu)
+$(VENV)/.installed: $(VENV)/.deps setup.py pyproject.toml tesloss/_build.py $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.h csrc/cpu/*.cpp csrc/cuda/*.cuh csrc/cuda/*.h csrc/cuda/*.cu)
 	MAX_JOBS=2 $(PY) -m pip install --no-build-isolation --no-deps -e .
 	$(PY) -c "import tesloss, json; print(json.dumps(tesloss.backend_info()))"
 	touch $@
@@ -26,4 +26,4 @@ bench: install
 	$(PY) bench/bench_loss.py
 
 clean:
-	rm -rf build $(VENV) tesloss/*.so *.egg-info
+	rm -rf build dist $(VENV) tesloss/*.so tesloss/_build_info.json *.egg-info

@@ -1,105 +1,99 @@
-"""Builds tesloss._C: the C++ kernels always, the CUDA kernels when asked for or when they can be.
+"""Builds tesloss: the Python package with its kernels' sources, and tesloss._C ahead of
+time when torch is importable here.
 
-Environment:
+Under pip's build isolation torch is not importable (tesloss does not list it as a build
+requirement, so that pip never fetches a second torch to compile against): the package
+is then installed without tesloss._C, and compiles its kernels for the torch in use on
+first use (tesloss/_build.py). With torch importable (pip install --no-build-isolation,
+make install), tesloss._C is compiled now:
+
   FORCE_CUDA=1                 compile csrc/cuda even where torch sees no GPU (nvcc is still needed)
   TESLOSS_NO_CUDA=1            never compile csrc/cuda
   TORCH_CUDA_ARCH_LIST         CUDA architectures; "8.0;9.0" when unset and no GPU is visible
   TESLOSS_CPU_CAPABILITY       avx512 | avx2 | default; by default the build machine's, as torch reports it
 """
-import glob
+import importlib.util
+import json
 import os
+import sys
 
-import shutil
-
-import torch
 from setuptools import setup
-
-
-def _set_cuda_home():
-    """torch takes the CUDA home from nvcc's folder, which is wrong when nvcc on
-    the PATH is a wrapper script outside the toolkit: look for the toolkit nvcc
-    belongs to instead. CUDA_HOME, if set, wins."""
-    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
-        return
-    nvcc = shutil.which("nvcc")
-    candidates = [os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))] if nvcc else []
-    candidates.append("/usr/local/cuda")
-    for home in candidates:
-        if os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
-            os.environ["CUDA_HOME"] = home
-            return
-
-
-_set_cuda_home()  # before cpp_extension reads it at import
-
-from torch.utils.cpp_extension import (  # noqa: E402
-    CUDA_HOME, BuildExtension, CppExtension, CUDAExtension)
+from setuptools.command.build_py import build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
-# ATen's own flags for each of its x86 vector capabilities.
-CPU_CAPABILITY_FLAGS = {
-    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
-               "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
-    "avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
-    "default": ["-DCPU_CAPABILITY=DEFAULT"],
-}
+
+def _load_build_module():
+    # By path: importing the package tesloss would load torch and the library.
+    spec = importlib.util.spec_from_file_location("tesloss_build", os.path.join(ROOT, "tesloss", "_build.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def cpu_capability():
-    choice = os.environ.get("TESLOSS_CPU_CAPABILITY", "auto").lower()
-    if choice == "auto":
-        reported = torch.backends.cpu.get_cpu_capability()
-        choice = {"AVX512": "avx512", "AVX2": "avx2"}.get(reported, "default")
-    if choice not in CPU_CAPABILITY_FLAGS:
-        raise SystemExit(
-            f"TESLOSS_CPU_CAPABILITY must be one of {sorted(CPU_CAPABILITY_FLAGS)} or auto, got {choice!r}"
-        )
-    return choice
+_build = _load_build_module()
 
 
-def build_cuda():
-    if os.environ.get("TESLOSS_NO_CUDA") == "1":
-        return False
-    if os.environ.get("FORCE_CUDA") == "1":
-        return True
-    return torch.version.cuda is not None and CUDA_HOME is not None
+class BuildPyWithSources(build_py):
+    """Installs csrc as tesloss/_csrc: the sources of the just-in-time build."""
+
+    def run(self):
+        super().run()
+        source = os.path.join(ROOT, "csrc")
+        for path in _build.source_files(source):
+            target = os.path.join(self.build_lib, "tesloss", _build.INSTALLED_SOURCES, path)
+            self.mkpath(os.path.dirname(target))
+            self.copy_file(os.path.join(source, path), target)
 
 
-def wheel_cuda_include_dirs():
-    """ATen's CUDA headers include cuSPARSE's and cuBLAS's. A toolkit with nvcc
-    alone lacks them; torch's CUDA wheels bring them under site-packages/nvidia."""
-    if os.path.exists(os.path.join(CUDA_HOME, "include", "cusparse.h")):
-        return []
+def _torch_importable():
     try:
-        import nvidia
+        import torch  # noqa: F401
     except ImportError:
-        return []
-    return sorted(d for root in nvidia.__path__ for d in glob.glob(os.path.join(root, "*", "include")))
+        return False
+    return True
 
 
-def relative_sources(*pattern):
-    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, *pattern)))
+def _ahead_of_time():
+    """(ext_modules, cmdclass) that compile tesloss._C against the torch importable here."""
+    _build.set_cuda_home()  # before cpp_extension reads it at import
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+    class BuildExtRecordingTorch(BuildExtension):
+        """Writes, beside tesloss._C, the torch it was compiled against: tesloss loads
+        it only under that torch, and builds its kernels again under any other."""
+
+        def run(self):
+            super().run()
+            folder = os.path.dirname(self.get_ext_fullpath("tesloss._C"))
+            with open(os.path.join(folder, _build.BUILD_INFO), "w") as file:
+                json.dump({**_build.build_record(), "cpu_capability": capability}, file)
+
+    capability = _build.cpu_capability()
+    source = os.path.join(ROOT, "csrc")
+    cuda, note = _build.cuda_plan(for_jit=False)
+    if note:
+        print(f"tesloss: {note}", file=sys.stderr)
+    sources = [os.path.relpath(path, ROOT) for path in _build.compiled_sources(source, cuda)]
+    common = dict(name="tesloss._C", sources=sources, include_dirs=[source],
+                  extra_link_args=_build.LDFLAGS)
+    if cuda:
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            os.environ["TORCH_CUDA_ARCH_LIST"] = _build.cuda_archs()
+        common["include_dirs"] += _build.wheel_cuda_include_dirs(CUDA_HOME)
+        extension = CUDAExtension(extra_compile_args={"cxx": _build.cxx_flags(capability, True),
+                                                      "nvcc": _build.NVCC_FLAGS}, **common)
+    else:
+        extension = CppExtension(extra_compile_args={"cxx": _build.cxx_flags(capability, False)},
+                                 **common)
+    return [extension], {"build_ext": BuildExtRecordingTorch}
 
 
-def extensions():
-    capability = cpu_capability()
-    cxx_flags = ["-O3", "-fopenmp", f"-DTESLOSS_CPU_CAPABILITY_NAME={capability}"]
-    cxx_flags += CPU_CAPABILITY_FLAGS[capability]
-    sources = relative_sources("csrc", "*.cpp") + relative_sources("csrc", "cpu", "*.cpp")
-    cuda_sources = relative_sources("csrc", "cuda", "*.cu")
-    common = dict(name="tesloss._C", include_dirs=[os.path.join(ROOT, "csrc")],
-                  extra_link_args=["-fopenmp"])
-    if cuda_sources and build_cuda():
-        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
-        nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-DWITH_CUDA"]
-        common["include_dirs"] += wheel_cuda_include_dirs()
-        return [CUDAExtension(sources=sources + cuda_sources,
-                              extra_compile_args={"cxx": cxx_flags + ["-DWITH_CUDA"],
-                                                  "nvcc": nvcc_flags},
-                              **common)]
-    return [CppExtension(sources=sources, extra_compile_args={"cxx": cxx_flags}, **common)]
-
-
-setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExtension})
+if _torch_importable():
+    ext_modules, cmdclass = _ahead_of_time()
+else:
+    print("tesloss: torch is not importable in this build environment (pip's build isolation): "
+          "installing without a prebuilt library; tesloss compiles its kernels for the torch "
+          "in use on first use", file=sys.stderr)
+    ext_modules, cmdclass = [], {}
+setup(ext_modules=ext_modules, cmdclass={"build_py": BuildPyWithSources, **cmdclass})

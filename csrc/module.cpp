@@ -1,6 +1,7 @@
-// The Python module tesloss._C: importing it loads this library, which runs
-// ops.cpp's registrations. It holds no functions, only the op's constants
-// (tesloss._ops reads them) and how the CPU kernels were compiled.
+// The Python module tesloss._C (or, built just in time, the name the build gives it
+// in TORCH_EXTENSION_NAME): importing it loads this library, which runs ops.cpp's
+// registrations. It holds no functions, only the op's constants (tesloss._ops reads
+// them) and how the CPU kernels were compiled.
 #include <Python.h>
 
 #include <ATen/ATen.h>
@@ -16,6 +17,8 @@
 #endif
 #define TESLOSS_STR_(x) #x
 #define TESLOSS_STR(x) TESLOSS_STR_(x)
+#define TESLOSS_PYINIT_(name) PyInit_##name
+#define TESLOSS_PYINIT(name) TESLOSS_PYINIT_(name)
 
 namespace {
 
@@ -74,8 +77,9 @@ bool add(PyObject* module, const char* name, PyObject* value) {
 
 }  // namespace
 
-extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+extern "C" PyObject* TESLOSS_PYINIT(TORCH_EXTENSION_NAME)(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, TESLOSS_STR(TORCH_EXTENSION_NAME),
+                                          nullptr, -1, nullptr};
   PyObject* module = PyModule_Create(&module_def);
   if (module == nullptr) return nullptr;
   const bool ok =

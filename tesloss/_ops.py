@@ -1,40 +1,71 @@
 """Loads the compiled library, reads the op's constants from it, and gives its ops the
 fake kernels torch.compile traces with.
 
-Autograd for the ops is bound in C++ (csrc/ops.cpp), for speed."""
+The library is the prebuilt tesloss._C when it was compiled for the torch in use, else
+one compiled just in time for it (tesloss/_build.py), else none: fused_tes_loss then
+runs the reference, and LOAD_ERROR says why. Autograd for the ops is bound in C++
+(csrc/ops.cpp), for speed."""
+import importlib
+import importlib.util
+import json
 import os
 
 import torch
 
-_LOAD_ERROR = None
-_C = None
+from . import _build
 
 # Order of ATen's x86 vector capabilities: a build for one runs on it and above.
 _CAPABILITY_RANK = {"default": 0, "avx2": 1, "avx512": 2}
 
 
-def _load():
-    global _LOAD_ERROR, _C
-    try:
-        from . import _C as library
-    except ImportError as error:  # not built, or built against another torch
-        _LOAD_ERROR = f"{type(error).__name__}: {error}"
-        return False
-    _C = library
+def _unfit_capability(capability):
     here = torch.backends.cpu.get_cpu_capability().lower()
-    if _CAPABILITY_RANK.get(_C.cpu_capability, 0) > _CAPABILITY_RANK.get(here, 0):
-        _LOAD_ERROR = (
-            f"tesloss._C was compiled for {_C.cpu_capability} but this CPU reports {here}; "
-            "rebuild here, or with TESLOSS_CPU_CAPABILITY set to what every machine has"
-        )
-        return False
-    return True
+    if _CAPABILITY_RANK.get(capability, 0) > _CAPABILITY_RANK.get(here, 0):
+        return f"the prebuilt library was compiled for {capability} but this CPU reports {here}"
+    return None
 
 
-LOADED = _load()
-LOAD_ERROR = _LOAD_ERROR
-CPU_CAPABILITY = _C.cpu_capability if _C is not None else None
-BUILD_HINT = "build it with: pip install --no-build-isolation -e .  (or: make install)"
+def _prebuilt():
+    """(tesloss._C, None) when it fits the torch and CPU in use, else (None, why not)."""
+    spec = importlib.util.find_spec(f"{__package__}._C")
+    if spec is None:
+        return None, ("no prebuilt library (tesloss was installed where its build could not "
+                      "see torch, as under pip's build isolation, or was not built)")
+    try:
+        with open(os.path.join(os.path.dirname(spec.origin), _build.BUILD_INFO)) as file:
+            recorded = json.load(file)
+    except (OSError, ValueError) as error:
+        return None, f"the prebuilt library's build record is unreadable ({error})"
+    # Checked before the import: once loaded, its ops are registered for the process.
+    mismatch = (_build.prebuilt_mismatch(recorded, _build.build_record())
+                or _unfit_capability(recorded.get("cpu_capability")))
+    if mismatch:
+        return None, mismatch
+    try:
+        return importlib.import_module(f"{__package__}._C"), None
+    except ImportError as error:
+        return None, f"the prebuilt library does not load: {type(error).__name__}: {error}"
+
+
+def _load():
+    """(library or None, build, path, notes, why no library or None)."""
+    library, why = _prebuilt()
+    if library is not None:
+        return library, "prebuilt", library.__file__, [], None
+    if _build.flag("TESLOSS_NO_JIT"):
+        return None, "reference", None, [why], f"{why}; TESLOSS_NO_JIT is set, so none was built"
+    try:
+        library, folder, notes = _build.jit_load()
+    except _build.BuildError as error:
+        return None, "reference", None, [why], f"{why}; and building one failed: {error}"
+    return library, "jit", folder, [why, *notes], None
+
+
+_C, BUILD, BUILD_PATH, BUILD_NOTES, LOAD_ERROR = _load()
+LOADED = _C is not None
+CPU_CAPABILITY = _C.cpu_capability if LOADED else None
+BUILD_HINT = ("tesloss.backend_info() says why; python -m tesloss.build compiles the kernels "
+              "again and shows the compiler's errors")
 
 # The op's constants, as csrc/params.h defines them (empty without the library):
 ROW_STATS = _C.row_stats if LOADED else ()  # names of the row_stats columns, in order
@@ -72,15 +103,23 @@ def has_kernel(device_type: str) -> bool:
 
 
 def backend_info() -> dict:
-    """Whether the compiled extension is loaded, and what it has kernels for.
+    """Which compiled library is in use, why, and what it has kernels for.
 
-    Keys: ``extension_loaded``, ``load_error`` (why not, or None),
-    ``devices`` (device types with compiled kernels), ``cpu_capability``
-    (the vector ISA the CPU kernels were built for) and ``cuda_compiled``.
+    Keys: ``extension_loaded``; ``build``: ``"prebuilt"`` (compiled at install),
+    ``"jit"`` (compiled on first use for the torch in use) or ``"reference"`` (none:
+    fused_tes_loss runs the pure-PyTorch reference); ``library``: the loaded library's
+    path, or a just-in-time build's folder; ``notes``: why the prebuilt library was
+    not used and what the build left out (CUDA kernels skipped, and why);
+    ``load_error``: why no library is in use, or None; ``devices``: device types with
+    compiled kernels; ``cpu_capability``: the vector ISA of the CPU kernels;
+    ``cuda_compiled``.
     """
     devices = sorted(KERNEL_DEVICES)
     return {
         "extension_loaded": LOADED,
+        "build": BUILD,
+        "library": BUILD_PATH,
+        "notes": list(BUILD_NOTES),
         "load_error": LOAD_ERROR,
         "devices": devices,
         "cpu_capability": CPU_CAPABILITY,
@@ -89,7 +128,7 @@ def backend_info() -> dict:
 
 
 def extension_required() -> bool:
-    return os.environ.get("TESLOSS_REQUIRE_EXTENSION", "") not in ("", "0")
+    return _build.flag("TESLOSS_REQUIRE_EXTENSION")
 
 
 if LOADED:

@@ -1,0 +1,153 @@
+"""Which compiled library tesloss loads, and why: a prebuilt one only under the torch it was
+compiled for, else one compiled on first use, else the reference with the reason.
+
+The install paths themselves (an sdist with and without build isolation into a venv with
+only torch, a first-use build, a prebuilt library recorded for another torch) take minutes
+and run in .ci/install_check."""
+import inspect
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import torch
+
+import tesloss
+from tesloss import _build, _ops
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CSRC = os.path.join(ROOT, "csrc")
+
+
+def test_backend_info_says_which_library_is_in_use_and_where():
+    info = tesloss.backend_info()
+    assert info["build"] in ("prebuilt", "jit") and info["load_error"] is None
+    assert os.path.exists(info["library"])
+    if info["build"] == "prebuilt":
+        assert info["notes"] == []
+    else:
+        assert info["notes"], "a first-use build says why the prebuilt library was not used"
+
+
+def test_a_prebuilt_library_for_another_torch_or_python_is_named_as_such():
+    running = _build.build_record()
+    assert _build.prebuilt_mismatch(dict(running), running) is None
+    older = {**running, "torch": "2.4.1+cu121", "cuda": "12.1"}
+    why = _build.prebuilt_mismatch(older, running)
+    assert f"torch 2.4.1+cu121 (now {running['torch']})" in why
+    assert f"cuda 12.1 (now {running['cuda']})" in why
+    assert "python" not in why
+    assert "python 3.9" in _build.prebuilt_mismatch({**running, "python": "3.9"}, running)
+
+
+def test_a_prebuilt_library_for_a_wider_cpu_is_refused_before_it_is_loaded(monkeypatch):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert "compiled for avx512 but this CPU reports avx2" in _ops._unfit_capability("avx512")
+    assert _ops._unfit_capability("avx2") is None
+    assert _ops._unfit_capability("default") is None
+
+
+def test_the_first_use_build_name_changes_with_anything_the_binary_depends_on(tmp_path, monkeypatch):
+    sources = tmp_path / "csrc"
+    shutil.copytree(CSRC, sources)
+    name = _build.jit_name(str(sources), "avx512", False, "")
+    assert re.fullmatch(r"tesloss_avx512_[0-9a-f]{16}", name)
+    assert _build.jit_name(str(sources), "avx512", False, "") == name
+    assert _build.jit_name(str(sources), "avx2", False, "") != name
+    assert _build.jit_name(str(sources), "avx512", True, "9.0").startswith("tesloss_avx512_cuda_")
+    assert _build.jit_name(str(sources), "avx512", True, "9.0") != _build.jit_name(
+        str(sources), "avx512", True, "8.0;9.0")
+    header = sources / "cpu" / "vec_exp.h"
+    header.write_text(header.read_text() + "\n")
+    assert _build.jit_name(str(sources), "avx512", False, "") != name
+    monkeypatch.setattr(_build, "build_record", lambda: {"torch": "9.9.9", "cuda": None,
+                                                         "python": "3.11"})
+    assert _build.jit_name(str(sources), "avx2", False, "") != _build.jit_name(
+        str(CSRC), "avx2", False, "")
+
+
+def test_every_file_the_sources_include_is_installed_with_them():
+    # What the sdist and tesloss/_csrc carry is source_files(): every quoted
+    # #include of every file in it must be in it too, or the first-use build breaks.
+    files = set(_build.source_files(CSRC))
+    assert {"tes_loss.h", "cpu/tes_loss_cpu.cpp", "cuda/tes_loss_cuda.cu"} <= files
+    for path in files:
+        with open(os.path.join(CSRC, path)) as source:
+            for included in re.findall(r'^\s*#\s*include\s+"([^"]+)"', source.read(), re.M):
+                here = os.path.normpath(os.path.join(os.path.dirname(path), included))
+                assert included in files or here in files, f"{path} includes {included}"
+    on_disk = {os.path.relpath(os.path.join(folder, name), CSRC)
+               for folder, _, names in os.walk(CSRC) for name in names
+               if name.endswith((".h", ".cuh", ".cpp", ".cu"))}
+    assert on_disk == files
+
+
+def _import_in_a_copy_without_the_library(tmp_path, sources=False, **env):
+    """Runs `import tesloss` from a copy of the package that has no tesloss._C, and the
+    kernels' sources only if asked, and returns what it printed (backend_info, then a
+    call's error)."""
+    package = tmp_path / "tesloss"
+    package.mkdir()
+    for name in os.listdir(os.path.join(ROOT, "tesloss")):
+        if name.endswith(".py"):
+            shutil.copy(os.path.join(ROOT, "tesloss", name), package)
+    if sources:
+        shutil.copytree(CSRC, package / _build.INSTALLED_SOURCES)
+    # An editable install's finder would hand the copy the source tree's tesloss._C.
+    script = ("import sys\n"
+              "sys.meta_path[:] = [f for f in sys.meta_path\n"
+              "                    if not getattr(f, '__module__', '').startswith('__editable__')]\n"
+              "import json, torch, tesloss\n"
+              "assert tesloss.__file__.startswith(sys.argv[1]), tesloss.__file__\n"
+              "print(json.dumps(tesloss.backend_info()))\n"
+              "try:\n"
+              "    tesloss.fused_tes_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2).long())\n"
+              "    print('ran')\n"
+              "except RuntimeError as error:\n"
+              "    print(error)\n")
+    environment = {**os.environ, "TESLOSS_REQUIRE_EXTENSION": "1",
+                   "TORCH_EXTENSIONS_DIR": str(tmp_path / "extensions"), **env}
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=tmp_path, env=environment,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_without_a_library_or_sources_it_says_why_and_require_extension_stops_it(tmp_path):
+    info, error = _import_in_a_copy_without_the_library(tmp_path).splitlines()[:2]
+    assert '"build": "reference"' in info
+    assert "no prebuilt library" in info and "the kernels' sources are not installed" in info
+    assert "circular import" not in info
+    assert "TESLOSS_REQUIRE_EXTENSION is set" in error and "no prebuilt library" in error
+
+
+def test_without_a_compiler_it_says_so(tmp_path):
+    info = _import_in_a_copy_without_the_library(tmp_path, sources=True,
+                                                 CXX="no-such-compiler")
+    assert '"build": "reference"' in info
+    assert "building one failed: no C++ compiler: 'no-such-compiler' is not on the PATH" in info
+
+
+def test_no_jit_means_no_build_on_first_use(tmp_path):
+    info = _import_in_a_copy_without_the_library(tmp_path, TESLOSS_NO_JIT="1")
+    assert '"build": "reference"' in info and "TESLOSS_NO_JIT is set" in info
+
+
+def test_python_m_tesloss_build_reports_the_library_in_use():
+    done = subprocess.run([sys.executable, "-m", "tesloss.build"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert f'"build": "{tesloss.backend_info()["build"]}"' in done.stdout
+
+
+def test_the_public_functions_are_typed_and_the_package_says_so():
+    assert os.path.exists(os.path.join(ROOT, "tesloss", "py.typed"))
+    from tesloss import text
+
+    for function in (tesloss.fused_tes_loss, tesloss.reference.tes_loss, tesloss.backend_info,
+                     tesloss.TeSLoss.__init__, tesloss.TeSLoss.forward, tesloss.TeSHead.__init__,
+                     tesloss.TeSHead.forward, text.build_text_head, text.save_text_head,
+                     text.load_text_head, text.encoder_from_spec):
+        parameters = set(inspect.signature(function).parameters) - {"self"}
+        assert set(function.__annotations__) == parameters | {"return"}, function.__qualname__
