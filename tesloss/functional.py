@@ -2,7 +2,7 @@
 import math
 import numbers
 import warnings
-from typing import NamedTuple
+from typing import NamedTuple, Union
 
 import torch
 
@@ -24,8 +24,11 @@ class Parts(NamedTuple):
 _PART_INDEX = tuple(_ops.BATCH_STATS.index(name) for name in Parts._fields) if _ops.LOADED else ()
 
 
-def fused_tes_loss(vis_logits, txt_logits, target, *, tau=0.03, lambda_v=0.1, lambda_t=0.3,
-                   ignore_index=-100, reduction="mean", label_smoothing=0.0, return_parts=False):
+def fused_tes_loss(vis_logits: torch.Tensor, txt_logits: torch.Tensor, target: torch.Tensor, *,
+                   tau: float = 0.03, lambda_v: float = 0.1, lambda_t: float = 0.3,
+                   ignore_index: int = -100, reduction: str = "mean",
+                   label_smoothing: float = 0.0, return_parts: bool = False,
+                   ) -> Union[torch.Tensor, tuple[torch.Tensor, Parts]]:
     """The TeS loss of a batch, fused into one pass over the logits.
 
     For each row i that is not ignored, with z = vis_logits[i],

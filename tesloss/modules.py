@@ -1,4 +1,6 @@
 """nn.Module forms: the loss, and the head that gives it its two sets of logits."""
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -13,8 +15,9 @@ class TeSLoss(nn.Module):
     class indices or class probabilities.
     """
 
-    def __init__(self, tau=0.03, lambda_v=0.1, lambda_t=0.3, ignore_index=-100,
-                 reduction="mean", label_smoothing=0.0):
+    def __init__(self, tau: float = 0.03, lambda_v: float = 0.1, lambda_t: float = 0.3,
+                 ignore_index: int = -100, reduction: str = "mean",
+                 label_smoothing: float = 0.0) -> None:
         super().__init__()
         self.tau = tau
         self.lambda_v = lambda_v
@@ -23,7 +26,8 @@ class TeSLoss(nn.Module):
         self.reduction = reduction
         self.label_smoothing = label_smoothing
 
-    def forward(self, vis_logits, txt_logits, target):
+    def forward(self, vis_logits: torch.Tensor, txt_logits: torch.Tensor,
+                target: torch.Tensor) -> torch.Tensor:
         return fused_tes_loss(vis_logits, txt_logits, target, tau=self.tau,
                               lambda_v=self.lambda_v, lambda_t=self.lambda_t,
                               ignore_index=self.ignore_index, reduction=self.reduction,
@@ -66,7 +70,8 @@ class TeSHead(nn.Module):
         loss = tesloss.fused_tes_loss(vis_logits, txt_logits, target)
     """
 
-    def __init__(self, in_features, text_head, proj_hidden=None):
+    def __init__(self, in_features: int, text_head: torch.Tensor,
+                 proj_hidden: Optional[int] = None) -> None:
         super().__init__()
         if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 1:
             raise ValueError(f"TeSHead: in_features must be an int >= 1, got {in_features!r}")
@@ -102,10 +107,10 @@ class TeSHead(nn.Module):
         self.register_buffer("text_head", text_head.detach().to(torch.float32).clone())
 
     @property
-    def num_classes(self):
+    def num_classes(self) -> int:
         return self.text_head.shape[0]
 
-    def forward(self, features):
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if features.dim() != 2 or features.shape[1] != self.classifier.in_features:
             raise ValueError(f"TeSHead: features must be [B, in_features]=[B, "
                              f"{self.classifier.in_features}] (pooled backbone features), "

@@ -10,6 +10,8 @@ Mixup and CutMix). Ignored rows and the reductions are added the way
 ``torch.nn.functional.cross_entropy`` has them. Tests and the benchmark
 compare the fused op against this function.
 """
+from typing import Union
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,8 +19,10 @@ from torch import nn
 from .functional import Parts
 
 
-def tes_loss(vis_logits, txt_logits, target, *, tau=0.03, lambda_v=0.1, lambda_t=0.3,
-             ignore_index=-100, reduction="mean", label_smoothing=0.0, return_parts=False):
+def tes_loss(vis_logits: torch.Tensor, txt_logits: torch.Tensor, target: torch.Tensor, *,
+             tau: float = 0.03, lambda_v: float = 0.1, lambda_t: float = 0.3,
+             ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
+             return_parts: bool = False) -> Union[torch.Tensor, tuple[torch.Tensor, Parts]]:
     probs = target.is_floating_point()
     batch = len(target)
     if probs:  # class probabilities: every row counts, ignore_index does not apply

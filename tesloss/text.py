@@ -14,10 +14,12 @@ Command line::
 """
 import argparse
 import hashlib
+import importlib
 import json
 import os
 import sys
 from contextlib import contextmanager
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +35,19 @@ FORMAT = "tesloss.text_head.v1"
 TENSOR_KEY = "text_head"
 # Below this many classes a bar would flash by; above it, encoding takes long enough to watch.
 PROGRESS_MIN_CLASSES = 100
+
+
+def _optional(module, needed_by, package=None):
+    """Imports `module`, an optional dependency of tesloss.text, or says how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as error:
+        if not (module + ".").startswith(f"{error.name}."):
+            raise  # the module is there but something it imports is not
+        package = package or module.split(".")[0]
+        raise ModuleNotFoundError(
+            f"{needed_by} needs the package {package}, which is not installed: "
+            f"pip install 'tesloss[text]' (or pip install {package})", name=error.name) from error
 
 
 class TextEncoder:
@@ -107,7 +122,7 @@ class OpenCLIPTextEncoder(TextEncoder):
     """
 
     def __init__(self, model_name, pretrained=None, device="cpu", cache_dir=None):
-        import open_clip
+        open_clip = _optional("open_clip", "OpenCLIPTextEncoder", "open_clip_torch")
 
         if isinstance(pretrained, os.PathLike):
             pretrained = os.fspath(pretrained)
@@ -230,8 +245,8 @@ class SentenceTransformerTextEncoder(TextEncoder):
     """
 
     def __init__(self, name_or_path=None, device="cpu"):
-        from sentence_transformers import SentenceTransformer
-
+        SentenceTransformer = _optional("sentence_transformers", "SentenceTransformerTextEncoder",
+                                        "sentence-transformers").SentenceTransformer
         if isinstance(name_or_path, os.PathLike):
             name_or_path = os.fspath(name_or_path)
         if name_or_path is not None and (not isinstance(name_or_path, str) or not name_or_path):
@@ -294,8 +309,9 @@ class HFCLIPTextEncoder(TextEncoder):
     """
 
     def __init__(self, name_or_path, device="cpu"):
-        from transformers import AutoTokenizer, CLIPTextModelWithProjection
-
+        transformers = _optional("transformers", "HFCLIPTextEncoder")
+        AutoTokenizer = transformers.AutoTokenizer
+        CLIPTextModelWithProjection = transformers.CLIPTextModelWithProjection
         if isinstance(name_or_path, os.PathLike):
             name_or_path = os.fspath(name_or_path)
         if not isinstance(name_or_path, str) or not name_or_path:
@@ -336,7 +352,7 @@ ENCODER_SPECS = (
 )
 
 
-def encoder_from_spec(spec, device="cpu"):
+def encoder_from_spec(spec: str, device: Union[str, torch.device] = "cpu") -> TextEncoder:
     """Makes an encoder from its ``spec`` string, the command line's ``--encoder``.
 
     Forms: ``open_clip:MODEL[:PRETRAINED]`` (MODEL may be ``hf-hub:...`` or
@@ -385,8 +401,9 @@ def _check_templates(caller, templates):
     return templates
 
 
-def build_text_head(encoder, classnames, templates=DEFAULT_TEMPLATES, *, batch_size=256,
-                    progress=None):
+def build_text_head(encoder: TextEncoder, classnames: Sequence[str],
+                    templates: Sequence[str] = DEFAULT_TEMPLATES, *, batch_size: int = 256,
+                    progress: Optional[bool] = None) -> torch.Tensor:
     """Embeds every class name in every template and returns the normalized class rows.
 
     Underscores in class names become spaces (``"pickup_truck"`` is read ``"pickup truck"``).
@@ -414,7 +431,7 @@ def build_text_head(encoder, classnames, templates=DEFAULT_TEMPLATES, *, batch_s
         raise ValueError(f"build_text_head: batch_size must be an int >= 1, got {batch_size!r}")
     if progress is None:
         progress = len(names) >= PROGRESS_MIN_CLASSES
-    from tqdm import tqdm
+    tqdm = _optional("tqdm", "build_text_head").tqdm
 
     classes_per_batch = max(1, batch_size // len(templates))
     rows = []
@@ -441,7 +458,9 @@ def _names_sha256(names):
     return hashlib.sha256(json.dumps(names, ensure_ascii=False).encode()).hexdigest()
 
 
-def save_text_head(path, head, *, classnames, templates, encoder):
+def save_text_head(path: Union[str, os.PathLike], head: torch.Tensor, *,
+                   classnames: Sequence[str], templates: Sequence[str],
+                   encoder: Union[TextEncoder, str]) -> None:
     """Writes a text head to a safetensors file, with what made it as metadata.
 
     The metadata holds the encoder's spec and a SHA-256 of its text weights, the templates, the
@@ -456,7 +475,7 @@ def save_text_head(path, head, *, classnames, templates, encoder):
         templates: the templates it was built with.
         encoder: the :class:`TextEncoder` it was built with, or a str describing it.
     """
-    from safetensors.torch import save_file
+    save_file = _optional("safetensors.torch", "save_text_head", "safetensors").save_file
 
     names = _check_classnames("save_text_head", classnames)
     templates = _check_templates("save_text_head", templates)
@@ -501,7 +520,9 @@ def save_text_head(path, head, *, classnames, templates, encoder):
             os.remove(partial)
 
 
-def load_text_head(path, *, classnames=None, return_metadata=False):
+def load_text_head(path: Union[str, os.PathLike], *, classnames: Optional[Sequence[str]] = None,
+                   return_metadata: bool = False,
+                   ) -> Union[torch.Tensor, tuple[torch.Tensor, dict]]:
     """Reads a text head written by :func:`save_text_head`.
 
     Args:
@@ -517,7 +538,7 @@ def load_text_head(path, *, classnames=None, return_metadata=False):
         The [C, D] tensor on the CPU, exactly as saved; with ``return_metadata``,
         ``(head, metadata)``.
     """
-    from safetensors import safe_open
+    safe_open = _optional("safetensors", "load_text_head").safe_open
 
     path = os.fspath(path)
     if not os.path.isfile(path):

@@ -182,6 +182,28 @@ def test_save_and_load_reject_bad_arguments(encoder, tmp_path):
 
 # ---------------------------------------------------------------- clear errors
 
+@pytest.mark.parametrize("missing, package, call", [
+    ("safetensors", "safetensors", lambda encoder, path: tesloss.load_text_head(path)),
+    ("safetensors", "safetensors", lambda encoder, path: tesloss.save_text_head(
+        path, torch.ones(1, 4), classnames=["cat"], templates=["a {}"], encoder="e")),
+    ("tqdm", "tqdm", lambda encoder, path: tesloss.build_text_head(encoder, ["cat"])),
+    ("open_clip", "open_clip_torch", lambda encoder, path: text.OpenCLIPTextEncoder(TINY)),
+    ("sentence_transformers", "sentence-transformers",
+     lambda encoder, path: text.SentenceTransformerTextEncoder("/some/model")),
+    ("transformers", "transformers", lambda encoder, path: text.HFCLIPTextEncoder("/some/model")),
+])
+def test_a_missing_optional_dependency_is_named_with_the_extra(encoder, tmp_path, monkeypatch,
+                                                             missing, package, call):
+    for name in list(sys.modules):  # None in sys.modules: `import` fails as if not installed
+        if name == missing or name.startswith(missing + "."):
+            monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setitem(sys.modules, missing, None)
+    with pytest.raises(ModuleNotFoundError) as error:
+        call(encoder, tmp_path / "head.safetensors")
+    assert f"needs the package {package}, which is not installed" in str(error.value)
+    assert "pip install 'tesloss[text]'" in str(error.value)
+
+
 def test_argument_errors_name_the_argument(encoder, tiny_model_name):
     with pytest.raises(TypeError, match="build_text_head: classnames must be a sequence of str"):
         tesloss.build_text_head(encoder, "cat")
