@@ -86,9 +86,15 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 
 # setup.py finds the toolkit behind a wrapper nvcc and the cuSPARSE/cuBLAS headers
-# that torch's wheels bring, so the build needs no extra flags here.
+# that torch's wheels bring, so the build needs no extra flags here. pyproject.toml's
+# license field needs setuptools >= 77; with an older one (or none), the first-use
+# build compiles the same sources from the tree instead (python -m tesloss.build).
 step build 240 env TORCH_CUDA_ARCH_LIST=9.0 FORCE_CUDA=1 MAX_JOBS="$(nproc)" bash -c '
-  "$0" -m pip install --no-build-isolation --no-deps -v -e . &&
+  if "$0" -c "import setuptools, sys; sys.exit(int(setuptools.__version__.split(\".\")[0]) < 77)"; then
+    "$0" -m pip install --no-build-isolation --no-deps -v -e .
+  else
+    echo "setuptools < 77 here: compiling on first use instead"; "$0" -m tesloss.build
+  fi &&
   "$0" -c "import json, tesloss
 info = tesloss.backend_info()
 print(json.dumps(info))
