@@ -123,15 +123,17 @@ def cuda_plan(for_jit):
     when torch has CUDA and nvcc is found, and the just-in-time build only when a GPU is
     visible too, since nobody here could run them."""
     import torch
-    from torch.utils.cpp_extension import CUDA_HOME
 
     if flag("TESLOSS_NO_CUDA"):
         return False, "CUDA kernels skipped: TESLOSS_NO_CUDA is set"
     if torch.version.cuda is None:
         return False, None
+    if for_jit and not flag("FORCE_CUDA") and not torch.cuda.is_available():
+        return False, "CUDA kernels skipped: no GPU is visible (FORCE_CUDA=1 builds them anyway)"
+    # Imported only now: importing it without a GPU logs a warning about CUDA_HOME.
+    from torch.utils.cpp_extension import CUDA_HOME
+
     if not flag("FORCE_CUDA"):
-        if for_jit and not torch.cuda.is_available():
-            return False, "CUDA kernels skipped: no GPU is visible (FORCE_CUDA=1 builds them anyway)"
         if CUDA_HOME is None:
             return False, ("CUDA kernels skipped: nvcc was not found (put it on the PATH, or set "
                            "CUDA_HOME to a CUDA toolkit)")
@@ -181,9 +183,16 @@ def jit_name(root, capability, cuda, archs):
 
 
 def extensions_root():
-    from torch.utils.cpp_extension import get_default_build_root
+    """TORCH_EXTENSIONS_DIR, else torch's default (~/.cache/torch_extensions)."""
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return os.environ["TORCH_EXTENSIONS_DIR"]
+    try:  # what get_default_build_root returns, without importing cpp_extension
+        from torch._appdirs import user_cache_dir
+    except ImportError:
+        from torch.utils.cpp_extension import get_default_build_root
 
-    return os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+        return get_default_build_root()
+    return os.path.realpath(user_cache_dir(appname="torch_extensions"))
 
 
 def _import_library(name, folder):
@@ -233,12 +242,12 @@ def _with_ninja_on_path():
 
 
 def _compile(root, capability, cuda, archs, verbose):
-    from torch.utils.cpp_extension import CUDA_HOME, load
-
     name = jit_name(root, capability, cuda, archs)
     folder = os.path.join(extensions_root(), name)
     if os.path.exists(os.path.join(folder, READY)) and not verbose:
         return _import_library(name, folder), folder
+    from torch.utils.cpp_extension import CUDA_HOME, load
+
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
         raise BuildError(f"no C++ compiler: {compiler!r} is not on the PATH (install g++, or "

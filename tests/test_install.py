@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import tesloss
@@ -65,6 +66,30 @@ def test_the_first_use_build_name_changes_with_anything_the_binary_depends_on(tm
                                                          "python": "3.11"})
     assert _build.jit_name(str(sources), "avx2", False, "") != _build.jit_name(
         str(CSRC), "avx2", False, "")
+
+
+@pytest.mark.skipif(torch.version.cuda is None, reason="a torch without CUDA compiles no CUDA kernels")
+def test_the_cuda_kernels_are_skipped_with_the_reason(monkeypatch):
+    from torch.utils import cpp_extension
+
+    for name in ("FORCE_CUDA", "TESLOSS_NO_CUDA"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _build.cuda_plan(for_jit=True) == (
+        False, "CUDA kernels skipped: no GPU is visible (FORCE_CUDA=1 builds them anyway)")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", None)
+    built, why = _build.cuda_plan(for_jit=True)
+    assert not built and "nvcc was not found" in why and "CUDA_HOME" in why
+    monkeypatch.setenv("FORCE_CUDA", "1")
+    with pytest.raises(_build.BuildError, match="FORCE_CUDA is set but nvcc was not found"):
+        _build.cuda_plan(for_jit=True)
+    monkeypatch.setenv("TESLOSS_NO_CUDA", "1")
+    assert _build.cuda_plan(for_jit=True) == (False, "CUDA kernels skipped: TESLOSS_NO_CUDA is set")
+    monkeypatch.delenv("FORCE_CUDA")
+    monkeypatch.delenv("TESLOSS_NO_CUDA")
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", "/usr/local/cuda")
+    assert _build.cuda_plan(for_jit=True) == (True, None)
 
 
 def test_every_file_the_sources_include_is_installed_with_them():
