@@ -160,7 +160,7 @@ def build_record():
     """What a compiled library must match to load: the torch and Python in use."""
     import torch
 
-    return {"torch": torch.__version__, "cuda": torch.version.cuda,
+    return {"torch": str(torch.__version__), "cuda": torch.version.cuda,
             "python": f"{sys.version_info.major}.{sys.version_info.minor}"}
 
 
@@ -203,8 +203,8 @@ def _import_library(name, folder):
 
 
 class _Progress:
-    """One line on stderr while a build runs: counting seconds in place on a terminal,
-    else a start line and an end line. Its result is how long it took."""
+    """One line on stderr while a build runs, ending with how long it took: counting
+    seconds in place on a terminal, else a start line and an end line (logs)."""
 
     def __init__(self, what):
         self.what, self.start, self.done = what, time.monotonic(), threading.Event()
@@ -245,7 +245,10 @@ def _compile(root, capability, cuda, archs, verbose):
     name = jit_name(root, capability, cuda, archs)
     folder = os.path.join(extensions_root(), name)
     if os.path.exists(os.path.join(folder, READY)) and not verbose:
-        return _import_library(name, folder), folder
+        try:
+            return _import_library(name, folder), folder
+        except (ImportError, OSError):
+            os.remove(os.path.join(folder, READY))  # its library is gone or broken: build again
     from torch.utils.cpp_extension import CUDA_HOME, load
 
     compiler = os.environ.get("CXX", "c++")
