@@ -183,6 +183,24 @@ def test_mixup_rows_against_masked_classes(device, dtype, num_classes):
                             dtype, device)
 
 
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+def test_a_mixup_pair_against_confident_logits(device, dtype):
+    # Hypothesis's case: two rows mixed from classes 2053 and 3099, every other
+    # weight timm's floor 0.1 / C, against logits thousands apart. The max class's
+    # gradient is g (sum(Y) - 0.1 / C), so all of its error is the mass's: summed
+    # plainly in runs per lane, then merged, the mass was 4.8 ulps off in fp32, and
+    # that gradient erred 6.8e-7 where the rule allows 6.6e-7 (AVX2 and AVX-512).
+    case = problem(2, 4096, seed=31, vis_scale=1e4, tau=1e-4, lambda_v=0.0, lambda_t=0.0)
+    probs = torch.full(case.shape, 0.1 / 4096, dtype=torch.float64)
+    probs[:, [2053, 3099]] = torch.tensor([[0.5253255367279053, 0.37472331523895264],
+                                           [0.37472331523895264, 0.5253255367279053]],
+                                          dtype=torch.float64)
+    probs = probs.to(dtype).double()  # drawn in the case's dtype, as draw_probs does
+    check_against_reference(Case(case.vis_logits, case.txt_logits, probs,
+                                 torch.tensor(-2.5, dtype=torch.float64), case.kwargs),
+                            dtype, device)
+
+
 @pytest.mark.parametrize("tau", [1e-9, 1e-30])
 def test_tied_text_logits_at_tiny_tau(device, tau):
     # Was a loss of -3.6 at 1e-9 and nan at 1e-30: the max class's exponent was not 0.

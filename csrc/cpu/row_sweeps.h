@@ -42,10 +42,12 @@ inline constexpr int64_t kRunVectors = 32;
 // 0; and a lane's gap can overflow where the row's spread is near the largest
 // float. The careful sum scales each term by kGapScale (the plain one scales
 // the lane sums) and gives a zero weight a zero term. `probs` is the block's
-// target row (kHasProbs only).
+// target row (kHasProbs only); its sum, Y's mass, is also set in `mass`, to
+// near a double's precision: see forward_row.
 template <bool kCareful, int kTarget, typename scalar_t, typename acc_t>
 RowState<acc_t> block_state(const scalar_t* vis, const scalar_t* txt, const acc_t* probs,
-                            int64_t n, const RowParams<acc_t>& p, acc_t max_vis, acc_t max_txt) {
+                            int64_t n, const RowParams<acc_t>& p, acc_t max_vis, acc_t max_txt,
+                            double& mass) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t W = Vec::size();
   const Vec shift_vis(softmax_shift(max_vis)), shift_txt(softmax_shift(max_txt)), zero(0);
@@ -65,7 +67,8 @@ RowState<acc_t> block_state(const scalar_t* vis, const scalar_t* txt, const acc_
     }
   };
   Vec sum_vis(0), sum_txt(0), gap_vis(0), gap_txt(0);
-  Vec uni_vis(0), uni_txt(0), mass(0), y_vis(0), y_txt(0);
+  Vec uni_vis(0), uni_txt(0), y_vis(0), y_txt(0);
+  Vec mass_hi(0), mass_lo(0);  // Kahan's sum and (minus) what it lost, per lane
   const auto add = [&](const Vec& z, const Vec& t, const Vec& y, int64_t lanes) {
     Vec d_vis = z - shift_vis;  // <= 0
     Vec d_txt = t - shift_txt;
@@ -79,7 +82,10 @@ RowState<acc_t> block_state(const scalar_t* vis, const scalar_t* txt, const acc_
     sum_txt += e;
     add_gaps(e, d_vis, d_txt, gap_vis, gap_txt);
     if constexpr (kHasProbs<kTarget>) {  // padded lanes have y = 0
-      mass += y;
+      const Vec term = y - mass_lo;
+      const Vec sum = mass_hi + term;
+      mass_lo = (sum - mass_hi) - term;
+      mass_hi = sum;
       add_gaps(y, d_vis, d_txt, y_vis, y_txt);
     }
     if constexpr (kHasUniform<kTarget>) {
@@ -97,9 +103,8 @@ RowState<acc_t> block_state(const scalar_t* vis, const scalar_t* txt, const acc_
   };
   // The block's sums wait in memory: as registers they pushed the run's out
   // (docs/DESIGN.md). The first kSums of the run's are those the kind keeps.
-  Vec* const run[] = {&sum_vis, &sum_txt, &gap_vis, &gap_txt, &uni_vis,
-                      &uni_txt, &mass,    &y_vis,   &y_txt};
-  constexpr int kSums = kHasProbs<kTarget> ? 9 : kHasUniform<kTarget> ? 6 : 4;
+  Vec* const run[] = {&sum_vis, &sum_txt, &gap_vis, &gap_txt, &uni_vis, &uni_txt, &y_vis, &y_txt};
+  constexpr int kSums = kHasProbs<kTarget> ? 8 : kHasUniform<kTarget> ? 6 : 4;
   alignas(64) acc_t block[kSums][W] = {};
   const auto end_run = [&] {
     for (int k = 0; k < kSums; ++k) {
@@ -136,7 +141,12 @@ RowState<acc_t> block_state(const scalar_t* vis, const scalar_t* txt, const acc_
     out.uni_txt = lane_sum(uni_txt * lane_scale);
   }
   if constexpr (kHasProbs<kTarget>) {
-    out.mass = lane_sum(mass);
+    alignas(64) acc_t hi[W], lo[W];
+    mass_hi.store(hi);
+    mass_lo.store(lo);
+    mass = 0;
+    for (int64_t k = 0; k < W; ++k) mass += double(hi[k]) - double(lo[k]);
+    out.mass = static_cast<acc_t>(mass);
     out.y_vis = lane_sum(y_vis * lane_scale);
     out.y_txt = lane_sum(y_txt * lane_scale);
   }
@@ -157,7 +167,7 @@ bool gaps_finite(const RowState<acc_t>& s) {
 // makes the row's loss nan) and guards the terms.
 template <int kTarget, typename scalar_t, typename acc_t>
 RowState<acc_t> block_row_state(const scalar_t* vis, const scalar_t* txt, const acc_t* probs,
-                                int64_t n, const RowParams<acc_t>& p) {
+                                int64_t n, const RowParams<acc_t>& p, double& mass) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t W = Vec::size();
   constexpr acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
@@ -176,33 +186,44 @@ RowState<acc_t> block_row_state(const scalar_t* vis, const scalar_t* txt, const 
   }
   const acc_t max_vis = lane_max(max_vis_v);
   const acc_t max_txt = lane_max(max_txt_v);
-  RowState<acc_t> block = block_state<false, kTarget>(vis, txt, probs, n, p, max_vis, max_txt);
+  RowState<acc_t> block =
+      block_state<false, kTarget>(vis, txt, probs, n, p, max_vis, max_txt, mass);
   if (!gaps_finite(block)) {
     acc_t careful_max_vis = neg_inf, careful_max_txt = neg_inf;
     for (int64_t j = 0; j < n; ++j) {
       careful_max_vis = nan_max(careful_max_vis, static_cast<acc_t>(vis[j]));
       careful_max_txt = nan_max(careful_max_txt, static_cast<acc_t>(txt[j]));
     }
-    block = block_state<true, kTarget>(vis, txt, probs, n, p, careful_max_vis, careful_max_txt);
+    block = block_state<true, kTarget>(vis, txt, probs, n, p, careful_max_vis, careful_max_txt,
+                                       mass);
   }
   return block;
 }
 
 // One row of the forward: the online softmax, a block of columns at a time.
-// `label` is the row's class index (unused for probability targets).
+// `label` is the row's class index (unused for probability targets). Y's mass
+// scales every gradient of a probability row, so it is summed apart from the
+// merges, Kahan's way within each lane and in double beyond: a Mixup row's
+// alike terms, summed plainly, came out up to 5 ulps off in fp32
+// (docs/DESIGN.md).
 template <int kTarget, typename scalar_t, typename acc_t>
 void forward_row(const scalar_t* vis, const scalar_t* txt, const acc_t* probs, int64_t C,
                  int64_t label, const RowParams<acc_t>& p, acc_t* out) {
+  double mass = 0;
   const auto block = [&](int64_t start) {
-    return block_row_state<kTarget>(vis + start, txt + start,
-                                    kHasProbs<kTarget> ? probs + start : nullptr,
-                                    std::min(kBlock, C - start), p);
+    double block_mass = 0;
+    const RowState<acc_t> state = block_row_state<kTarget>(
+        vis + start, txt + start, kHasProbs<kTarget> ? probs + start : nullptr,
+        std::min(kBlock, C - start), p, block_mass);
+    mass += block_mass;
+    return state;
   };
   RowState<acc_t> row = block(0);
   for (int64_t start = kBlock; start < C; start += kBlock) {
     row = row_state_merge<kTarget>(row, block(start), p);
   }
   if constexpr (kHasProbs<kTarget>) {
+    row.mass = static_cast<acc_t>(mass);
     row_finalize<kTarget>(row, acc_t(0), acc_t(0), p, out);
   } else {
     row_finalize<kTarget>(row, static_cast<acc_t>(vis[label]), static_cast<acc_t>(txt[label]), p,
