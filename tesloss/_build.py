@@ -133,13 +133,12 @@ def cuda_plan(for_jit):
     # Imported only now: importing it without a GPU logs a warning about CUDA_HOME.
     from torch.utils.cpp_extension import CUDA_HOME
 
-    if not flag("FORCE_CUDA"):
-        if CUDA_HOME is None:
-            return False, ("CUDA kernels skipped: nvcc was not found (put it on the PATH, or set "
-                           "CUDA_HOME to a CUDA toolkit)")
-    elif CUDA_HOME is None:
-        raise BuildError("FORCE_CUDA is set but nvcc was not found: put it on the PATH, or set "
-                         "CUDA_HOME to a CUDA toolkit")
+    if CUDA_HOME is None:
+        if flag("FORCE_CUDA"):
+            raise BuildError("FORCE_CUDA is set but nvcc was not found: put it on the PATH, or "
+                             "set CUDA_HOME to a CUDA toolkit")
+        return False, ("CUDA kernels skipped: nvcc was not found (put it on the PATH, or set "
+                       "CUDA_HOME to a CUDA toolkit)")
     return True, None
 
 
@@ -260,7 +259,8 @@ def _compile(root, capability, cuda, archs, verbose):
     include = [root] + (wheel_cuda_include_dirs(CUDA_HOME) if cuda else [])
     kernels = f"CPU {capability}" + (f" and CUDA {archs}" if cuda else "")
     saved_archs = os.environ.get("TORCH_CUDA_ARCH_LIST")
-    os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+    if cuda:  # what torch compiles for; the name hashed the same list
+        os.environ["TORCH_CUDA_ARCH_LIST"] = archs
     try:
         with _Progress(f"compiling its {kernels} kernels for torch {build_record()['torch']} "
                        f"on first use, into {folder}"):
