@@ -10,6 +10,15 @@
 
 #include "params.h"
 
+// The op's library: tesloss, or, where tests/cuda_emulator builds ops.cpp
+// with the CUDA kernels compiled for the host, tesloss_emulated, whose CPU
+// tensors those kernels take, beside the real one in the same process.
+#if defined(TESLOSS_CUDA_EMULATOR)
+#define TESLOSS_LIBRARY tesloss_emulated
+#else
+#define TESLOSS_LIBRARY tesloss
+#endif
+
 namespace tesloss {
 
 struct ForwardTensors {
@@ -102,7 +111,7 @@ using BackwardKernel = void (*)(const BackwardTensors&, const Params&);
 void tes_loss_forward_cpu(const ForwardTensors& t, const Params& params);
 void tes_loss_backward_cpu(const BackwardTensors& t, const Params& params);
 
-#ifdef WITH_CUDA
+#if defined(WITH_CUDA) || defined(TESLOSS_CUDA_EMULATOR)
 void tes_loss_forward_cuda(const ForwardTensors& t, const Params& params);
 void tes_loss_backward_cuda(const BackwardTensors& t, const Params& params);
 #endif

@@ -196,14 +196,14 @@ Stack call_op(const c10::OperatorHandle& op, Stack stack, const c10::IValue& par
 }
 
 const c10::OperatorHandle& forward_op() {
-  static const auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("tesloss::tes_loss_forward", "");
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow(
+      C10_STRINGIZE(TESLOSS_LIBRARY) "::tes_loss_forward", "");
   return op;
 }
 
 const c10::OperatorHandle& backward_op() {
-  static const auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("tesloss::tes_loss_backward", "");
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow(
+      C10_STRINGIZE(TESLOSS_LIBRARY) "::tes_loss_backward", "");
   return op;
 }
 
@@ -362,7 +362,7 @@ void autograd_backward(const c10::OperatorHandle&, Stack* stack) {
 
 }  // namespace
 
-TORCH_LIBRARY(tesloss, m) {
+TORCH_LIBRARY(TESLOSS_LIBRARY, m) {
   // Per-row losses (or their mean / sum), the per-row statistics the backward
   // and the logged parts need, and [count of rows not ignored, mean parts].
   m.def("tes_loss_forward(Tensor vis_logits, Tensor txt_logits, Tensor target"
@@ -372,25 +372,25 @@ TORCH_LIBRARY(tesloss, m) {
         ") -> (Tensor grad_vis_logits, Tensor grad_txt_logits)");
 }
 
-TORCH_LIBRARY_IMPL(tesloss, Autograd, m) {
+TORCH_LIBRARY_IMPL(TESLOSS_LIBRARY, Autograd, m) {
   m.impl("tes_loss_forward", torch::CppFunction::makeFromBoxedFunction<&autograd_forward>());
   m.impl("tes_loss_backward", torch::CppFunction::makeFromBoxedFunction<&autograd_backward>());
 }
 
-TORCH_LIBRARY_IMPL(tesloss, CPU, m) {
-  m.impl("tes_loss_forward",
-         torch::CppFunction::makeFromBoxedFunction<&boxed_forward<&tes_loss_forward_cpu>>());
-  m.impl("tes_loss_backward",
-         torch::CppFunction::makeFromBoxedFunction<&boxed_backward<&tes_loss_backward_cpu>>());
-}
-
+#define TESLOSS_BIND_KERNELS(key, forward, backward)                                      \
+  TORCH_LIBRARY_IMPL(TESLOSS_LIBRARY, key, m) {                                          \
+    m.impl("tes_loss_forward",                                                           \
+           torch::CppFunction::makeFromBoxedFunction<&boxed_forward<&forward>>());       \
+    m.impl("tes_loss_backward",                                                          \
+           torch::CppFunction::makeFromBoxedFunction<&boxed_backward<&backward>>());     \
+  }
+#if defined(TESLOSS_CUDA_EMULATOR)
+TESLOSS_BIND_KERNELS(CPU, tes_loss_forward_cuda, tes_loss_backward_cuda)
+#else
+TESLOSS_BIND_KERNELS(CPU, tes_loss_forward_cpu, tes_loss_backward_cpu)
 #ifdef WITH_CUDA
-TORCH_LIBRARY_IMPL(tesloss, CUDA, m) {
-  m.impl("tes_loss_forward",
-         torch::CppFunction::makeFromBoxedFunction<&boxed_forward<&tes_loss_forward_cuda>>());
-  m.impl("tes_loss_backward",
-         torch::CppFunction::makeFromBoxedFunction<&boxed_backward<&tes_loss_backward_cuda>>());
-}
+TESLOSS_BIND_KERNELS(CUDA, tes_loss_forward_cuda, tes_loss_backward_cuda)
+#endif
 #endif
 
 }  // namespace tesloss

@@ -44,8 +44,9 @@
 #include "params.h"
 
 // The element functions differ by device: each device's exp comes first, so
-// the templates below find it.
-#if defined(__CUDACC__) || defined(__HIPCC__)
+// the templates below find it. tests/cuda_emulator compiles the CUDA kernels
+// as host code, with the CUDA kernels' exp.
+#if defined(__CUDACC__) || defined(__HIPCC__) || defined(TESLOSS_CUDA_EMULATOR)
 #define TESLOSS_HD __host__ __device__ __forceinline__
 #include "cuda/device_exp.cuh"
 #else

@@ -164,7 +164,7 @@ __global__ void __launch_bounds__(TPR * RPB)
   constexpr bool kProbs = kHasProbs<kTarget>;
   const int group = threadIdx.x / TPR;
   const int t = threadIdx.x % TPR;
-  const int C = static_cast<int>(a.C);  // at most kMaxColumns (check_cuda_tensors)
+  const int C = static_cast<int>(a.C);  // at most kMaxColumns (check_columns)
   BlockPartial part = {};  // sums over this row group's rows, in row order
 
   for (int64_t first_row = int64_t(blockIdx.x) * RPB; first_row < a.B;
@@ -246,7 +246,7 @@ __global__ void __launch_bounds__(TPR * RPB)
   constexpr bool kProbs = kHasProbs<kTarget>;
   const int group = threadIdx.x / TPR;
   const int t = threadIdx.x % TPR;
-  const int C = static_cast<int>(a.C);  // at most kMaxColumns (check_cuda_tensors)
+  const int C = static_cast<int>(a.C);  // at most kMaxColumns (check_columns)
   const acc_t num_valid = a.batch_stats[kBatchValid];
 
   for (int64_t row = int64_t(blockIdx.x) * RPB + group; row < a.B;
@@ -275,20 +275,30 @@ DeviceSize current_device_size() {
 }
 
 // Columns are indexed with 32-bit integers inside a row, with room for a
-// sweep's stride past the last one.
+// sweep's stride past the last one. (The dispatcher's CUDA key and ops.cpp's
+// one-device checks bring only CUDA tensors here.)
 constexpr int64_t kMaxColumns = int64_t(1) << 30;
 
-void check_cuda_tensors(const char* op, const at::Tensor& vis_logits) {
-  TORCH_CHECK(vis_logits.is_cuda(), op, ": vis_logits must be a CUDA tensor, got ",
-              vis_logits.device());
+void check_columns(const char* op, const at::Tensor& vis_logits) {
   TORCH_CHECK(vis_logits.size(1) <= kMaxColumns, op, ": vis_logits must have at most ",
               kMaxColumns, " classes on CUDA, got ", vis_logits.size(1));
 }
 
+// Every kernel starts here, on `blocks` blocks of `threads` threads, so that
+// the host emulator of tests/cuda_emulator, which defines a launch of its own,
+// runs exactly the launch shapes chosen below.
+#if !defined(TESLOSS_CUDA_EMULATOR)
+template <auto kKernel, typename... Args>
+void launch(int blocks, int threads, cudaStream_t stream, const Args&... args) {
+  kKernel<<<blocks, threads, 0, stream>>>(args...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+#endif
+
 }  // namespace
 
 void tes_loss_forward_cuda(const ForwardTensors& t, const Params& params) {
-  check_cuda_tensors("fused_tes_loss", t.vis_logits);
+  check_columns("fused_tes_loss", t.vis_logits);
   const c10::cuda::CUDAGuard device_guard(t.vis_logits.device());
   const int64_t B = t.vis_logits.size(0);
   const int64_t C = t.vis_logits.size(1);
@@ -317,21 +327,19 @@ void tes_loss_forward_cuda(const ForwardTensors& t, const Params& params) {
                                  t.row_stats.options().dtype(at::kByte));
             if (num_partials == 0) return;  // B == 0: the finish kernel alone gives the empty sums
             args.partials = reinterpret_cast<BlockPartial*>(partials.mutable_data_ptr());
-            tes_forward_kernel<kTarget, scalar_t, acc_t, TPR, RPB>
-                <<<num_partials, TPR * RPB, 0, stream>>>(args);
-            C10_CUDA_KERNEL_LAUNCH_CHECK();
+            launch<tes_forward_kernel<kTarget, scalar_t, acc_t, TPR, RPB>>(
+                num_partials, TPR * RPB, stream, args);
           });
         });
-        tes_finish_kernel<acc_t><<<1, kFinishThreads, 0, stream>>>(
-            args.partials, num_partials, params.reduction,
-            per_row ? nullptr : t.loss.mutable_data_ptr<acc_t>(),
-            t.batch_stats.mutable_data_ptr<acc_t>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        launch<tes_finish_kernel<acc_t>>(1, kFinishThreads, stream, args.partials, num_partials,
+                                         params.reduction,
+                                         per_row ? nullptr : t.loss.mutable_data_ptr<acc_t>(),
+                                         t.batch_stats.mutable_data_ptr<acc_t>());
       });
 }
 
 void tes_loss_backward_cuda(const BackwardTensors& t, const Params& params) {
-  check_cuda_tensors("tes_loss_backward", t.vis_logits);
+  check_columns("tes_loss_backward", t.vis_logits);
   const int64_t B = t.vis_logits.size(0);
   const int64_t C = t.vis_logits.size(1);
   if (B == 0) return;
@@ -356,9 +364,8 @@ void tes_loss_backward_cuda(const BackwardTensors& t, const Params& params) {
             constexpr int kTarget = decltype(kind)::value;
             constexpr int TPR = decltype(threads)::value;
             constexpr int RPB = decltype(rows)::value;
-            tes_backward_kernel<kTarget, scalar_t, acc_t, TPR, RPB>
-                <<<row_blocks(B, RPB, TPR * RPB, device), TPR * RPB, 0, stream>>>(args);
-            C10_CUDA_KERNEL_LAUNCH_CHECK();
+            launch<tes_backward_kernel<kTarget, scalar_t, acc_t, TPR, RPB>>(
+                row_blocks(B, RPB, TPR * RPB, device), TPR * RPB, stream, args);
           });
         });
       });
