@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Plants each bug below in a copy of csrc/ and runs the emulated CUDA tests on
+# it: every one must make some of them fail (docs/DESIGN.md has the last
+# counts). Run from the repository root; it takes about a minute per bug.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+PY=${PY:-.venv/bin/python}
+kernels=cuda/tes_loss_cuda.cu
+bugs=(
+  "the warp merge skips a level|s/lane_mask > 0; lane_mask \/= 2)/lane_mask > 0; lane_mask \/= 4)/"
+  "the finish kernel's tree skips a level|s/half > 0; half \/= 2)/half > 0; half \/= 4)/"
+  "group_merge reuses its warp states without waiting|0,/^    __syncthreads();  \/\/ the previous row/s//    \/\/ removed:/"
+)
+status=0
+for bug in "${bugs[@]}"; do
+  what=${bug%%|*}
+  copy=$(mktemp -d)
+  cp -r csrc "$copy/"
+  sed -i "${bug#*|}" "$copy/csrc/$kernels"
+  if cmp -s "csrc/$kernels" "$copy/csrc/$kernels"; then
+    echo "NOT PLANTED ($what): its line is gone from csrc/$kernels"
+    status=1
+    continue
+  fi
+  summary=$(TESLOSS_EMULATOR_CSRC="$copy/csrc" CI=1 "$PY" -m pytest -q -p no:cacheprovider \
+    -m cuda_emulated tests/test_cuda_emulated.py 2>&1 | tail -1)
+  case "$summary" in
+    *failed*) echo "caught ($what): $summary" ;;
+    *) echo "MISSED ($what): $summary"; status=1 ;;
+  esac
+  rm -rf "$copy"
+done
+exit $status
