@@ -12,8 +12,9 @@ exactly once, and that a nan logit reaches the loss and the gradients as it
 does in the reference.
 
 Not covered here: the kernels themselves (launches, shuffles, shared memory,
-barriers, the batch reduction) and the choice of launch shape; the
-device-parametrized tests cover those on a GPU.
+barriers, the batch reduction) and the choice of launch shape;
+tests/test_cuda_emulated.py runs those on a host emulator of the GPU, and the
+device-parametrized tests on a GPU.
 """
 import ctypes
 import math
