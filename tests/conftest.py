@@ -371,6 +371,25 @@ def floor_units(case):
     return loss, g, g * case.kwargs["lambda_t"] / case.kwargs["tau"]
 
 
+# The rule in float64, elementwise: FLOOR_ULPS units of float64 times each
+# output's scale (scales).
+FP64_RULE = Tolerance(rtol=FLOOR_ULPS * torch.finfo(torch.float64).eps,
+                      atol=FLOOR_ULPS * torch.finfo(torch.float64).eps)
+
+
+def rule_bounds(case, fused, exact, in_dtype):
+    """For each output of `fused` (not fp64), with the fp64 truth `exact` and the
+    recipe run in the inputs' dtype `in_dtype`: (the error the rule allows, the
+    recipe's error, the floor)."""
+    bounds = []
+    for f, r, e, unit in zip(fused, in_dtype, exact, floor_units(case)):
+        floor = FLOOR_ULPS * torch.finfo(f.dtype).eps * max(max_abs(e), unit)
+        recipe_err = max_error(r.cpu(), e)
+        bounds.append((RULE_FACTOR * recipe_err + floor + torch.finfo(f.dtype).tiny, recipe_err,
+                       floor))
+    return bounds
+
+
 def assert_matches_reference(case, dtype, fused, in_dtype=None, where=""):
     """The spec every kernel is held to, the rule above. `fused` is (loss, grad
     vis_logits, grad txt_logits) from a kernel run on the case cast to `dtype`;
@@ -382,16 +401,12 @@ def assert_matches_reference(case, dtype, fused, in_dtype=None, where=""):
     assert fused[0].dtype == loss_dtype, f"{dtype} inputs give a {loss_dtype} loss{where}"
     assert fused[1].dtype == fused[2].dtype == dtype, f"gradients come back in {dtype}{where}"
     if dtype == torch.float64:
-        eps = torch.finfo(torch.float64).eps
         for name, f, e, scale in zip(names, fused, exact, scales(case)):
-            tol = Tolerance(rtol=FLOOR_ULPS * eps, atol=FLOOR_ULPS * eps)
-            assert_close(f, e, tol, torch.as_tensor(scale).cpu(), f"{name} ({dtype}{where})")
+            assert_close(f, e, FP64_RULE, torch.as_tensor(scale).cpu(), f"{name} ({dtype}{where})")
         return
-    units = floor_units(case)
-    for name, f, r, e, unit in zip(names, fused, [x.cpu() for x in in_dtype], exact, units):
-        floor = FLOOR_ULPS * torch.finfo(f.dtype).eps * max(max_abs(e), unit)
-        err, recipe_err = max_error(f, e), max_error(r, e)
-        allowed = RULE_FACTOR * recipe_err + floor + torch.finfo(f.dtype).tiny
+    for name, f, e, (allowed, recipe_err, floor) in zip(names, fused, exact,
+                                                        rule_bounds(case, fused, exact, in_dtype)):
+        err = max_error(f, e)
         assert err <= allowed, (
             f"{name} in {dtype}{where}: fused error {err:.3e} > {RULE_FACTOR} x recipe-in-"
             f"{dtype} error {recipe_err:.3e} + floor {floor:.3e} (largest true value "

@@ -25,9 +25,9 @@ import shutil
 
 import pytest
 import torch
-from conftest import (ALL_DTYPES, EDGE_TARGETS, FLOOR_ULPS, ROW_LAYOUTS, RULE_FACTOR, Tolerance,
-                      assert_close, assert_matches_reference, draw_case, edge_case, floor_units,
-                      max_abs, max_error, raw_params, run, run_reference64, scales)
+from conftest import (ALL_DTYPES, EDGE_TARGETS, FP64_RULE, ROW_LAYOUTS, Tolerance, assert_close,
+                      assert_matches_reference, draw_case, edge_case, max_error, raw_params, run,
+                      run_reference64, rule_bounds, scales)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -146,31 +146,27 @@ def kernels_run(emulator):
     return shapes
 
 
-def assert_like_the_cpu_op(case, dtype, emulated):
+def assert_like_the_cpu_op(case, dtype, emulated, in_dtype):
     """The emulated kernels against the CPU op. Both meet the rule against the fp64
     truth (assert_matches_reference), so they differ by at most twice its bound;
     nans sit in the same places, and an ignored row's gradients are exact zeros in
-    both."""
+    both. `in_dtype`: the recipe's outputs in the inputs' dtype (None for fp64)."""
     cpu = run(tesloss.fused_tes_loss, case, dtype)
-    exact = run_reference64(case)
     names = ("loss", "grad vis_logits", "grad txt_logits")
     for name, e, c in zip(names, emulated, cpu):
         assert torch.equal(torch.isnan(e), torch.isnan(c)), f"{name}: nans differ from the CPU op"
         if name != "loss" and not case.probs:
             assert not e[~case.valid()].any(), f"{name}: an ignored row's gradient is not zero"
     if dtype == torch.float64:
-        eps = torch.finfo(torch.float64).eps
-        tol = Tolerance(rtol=2 * FLOOR_ULPS * eps, atol=2 * FLOOR_ULPS * eps)
+        tol = Tolerance(rtol=2 * FP64_RULE.rtol, atol=2 * FP64_RULE.atol)
         for name, e, c, scale in zip(names, emulated, cpu, scales(case)):
             assert_close(e, c.double(), tol, torch.as_tensor(scale), f"{name}, against the CPU op")
         return
-    recipe = run(reference_tes_loss, case, dtype)
-    for name, e, c, x, r, unit in zip(names, emulated, cpu, exact, recipe, floor_units(case)):
-        floor = FLOOR_ULPS * torch.finfo(e.dtype).eps * max(max_abs(x), unit)
-        bound = 2 * (RULE_FACTOR * max_error(r, x) + floor + torch.finfo(e.dtype).tiny)
-        assert max_error(e, c.double()) <= bound, (
+    bounds = rule_bounds(case, emulated, run_reference64(case), in_dtype)
+    for name, e, c, (allowed, _, _) in zip(names, emulated, cpu, bounds):
+        assert max_error(e, c.double()) <= 2 * allowed, (
             f"{name} in {dtype}: emulated CUDA and CPU op differ by {max_error(e, c.double()):.3e}"
-            f" > {bound:.3e}")
+            f" > {2 * allowed:.3e}")
 
 
 def check(emulator, case, dtype, device="H200", order="round robin"):
@@ -178,7 +174,7 @@ def check(emulator, case, dtype, device="H200", order="round robin"):
     emulated = run(emulated_tes_loss, case, dtype)
     in_dtype = run(reference_tes_loss, case, dtype) if dtype != torch.float64 else None
     assert_matches_reference(case, dtype, emulated, in_dtype, where=f", emulated CUDA on {device}")
-    assert_like_the_cpu_op(case, dtype, emulated)
+    assert_like_the_cpu_op(case, dtype, emulated, in_dtype)
     return emulated
 
 

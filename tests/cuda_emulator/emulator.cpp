@@ -1,7 +1,7 @@
 // The emulator's scheduler (emulator.h): a block's threads as ucontext fibers
-// on one OS thread, run in passes over the runnable ones, each until it waits
-// at a barrier or returns. A barrier releases when all of its threads have
-// arrived; a pass in which no thread can run is a deadlock.
+// on one OS thread, run one at a time in an Order, each until it waits at a
+// barrier or returns. A barrier releases when all of its threads have arrived;
+// a block in which no thread can run, but some have not returned, deadlocks.
 //
 // Under ThreadSanitizer each fiber is a TSan thread, switched to without
 // synchronizing, so the only happens-before edges between a block's threads
@@ -270,11 +270,13 @@ class WriteCounter {
       const int64_t size = m.elements * m.element_bytes;
       // Untouched memory is skipped 8 bytes at a time.
       for (int64_t at = 0; at < size;) {
-        uint64_t word = ~uint64_t(0);
-        if (at % 8 == 0 && at + 8 <= size) std::memcpy(&word, bytes + at, 8);
-        if (word == ~uint64_t(0) && at % 8 == 0 && at + 8 <= size) {
-          at += 8;
-          continue;
+        if (at % 8 == 0 && at + 8 <= size) {
+          uint64_t word;
+          std::memcpy(&word, bytes + at, 8);
+          if (word == ~uint64_t(0)) {
+            at += 8;
+            continue;
+          }
         }
         const int64_t i = at / m.element_bytes;
         unsigned char* element = bytes + i * m.element_bytes;
@@ -314,8 +316,10 @@ void run_block(Block& b, unsigned block_index, WriteCounter* writes, std::mt1993
   b.aborting = false;
   b.barrier = Barrier{};
   b.barrier.expected = threads;
-  for (Warp& w : b.warps) w.barrier = Barrier{};
-  for (int w = 0; w < int(b.warps.size()); ++w) b.warps[w].barrier.expected = kWarpSize;
+  for (Warp& w : b.warps) {
+    w.barrier = Barrier{};
+    w.barrier.expected = kWarpSize;
+  }
   for (int t = 0; t < threads; ++t) {
     Fiber& f = b.fibers[t];
     f = Fiber{};
@@ -332,17 +336,14 @@ void run_block(Block& b, unsigned block_index, WriteCounter* writes, std::mt1993
     makecontext(&f.context, reinterpret_cast<void (*)()>(&fiber_main), 1, t);
   }
   const std::vector<int> priority = visit_order(threads, random);
-  const auto run_one = [&](Fiber& f) {
-    to_fiber(b, f);
-    if (writes != nullptr) writes->after_stretch();
-  };
   int left = threads;
   while (left > 0 && b.error.empty()) {
     bool ran = false;
     for (int t : priority) {
       Fiber& f = b.fibers[t];
       if (!runnable(f)) continue;
-      run_one(f);
+      to_fiber(b, f);
+      if (writes != nullptr) writes->after_stretch();
       ran = true;
       if (f.done) --left;
       // Round robin goes on to the next thread; the others start again from the top.
