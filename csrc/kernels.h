@@ -105,6 +105,9 @@ void with_target_kind(const at::Tensor& target, const Params& params, F&& f) {
 // The accumulation dtype of logits of dtype t (params.h's acc_t_of).
 at::ScalarType acc_scalar_type(at::ScalarType t);
 
+// The smallest tau the kernels take for logits of dtype t (params.h's kMinTau).
+double min_tau(at::ScalarType t);
+
 using ForwardKernel = void (*)(const ForwardTensors&, const Params&);
 using BackwardKernel = void (*)(const BackwardTensors&, const Params&);
 

@@ -54,15 +54,34 @@ PyObject* param_table() {
   });
 }
 
-// {logits dtype: accumulation dtype} for every dtype the kernels take.
-PyObject* accumulation_dtypes() {
+// {logits dtype: value(dtype)} for every dtype the kernels take; value gives a
+// new reference.
+template <typename Value>
+PyObject* by_dtype(Value&& value) {
   PyObject* dict = PyDict_New();
   for (const at::ScalarType t : {at::kDouble, at::kFloat, at::kBFloat16, at::kHalf}) {
     auto* key = reinterpret_cast<PyObject*>(torch::getTHPDtype(t));
-    auto* value = reinterpret_cast<PyObject*>(torch::getTHPDtype(tesloss::acc_scalar_type(t)));
-    if (dict != nullptr && PyDict_SetItem(dict, key, value) != 0) Py_CLEAR(dict);
+    PyObject* item = value(t);
+    if (item == nullptr || (dict != nullptr && PyDict_SetItem(dict, key, item) != 0)) {
+      Py_CLEAR(dict);
+    }
+    Py_XDECREF(item);
   }
   return dict;
+}
+
+// {logits dtype: accumulation dtype}.
+PyObject* accumulation_dtypes() {
+  return by_dtype([](at::ScalarType t) {
+    auto* dtype = reinterpret_cast<PyObject*>(torch::getTHPDtype(tesloss::acc_scalar_type(t)));
+    Py_INCREF(dtype);
+    return dtype;
+  });
+}
+
+// {logits dtype: the smallest tau the kernels take}.
+PyObject* min_taus() {
+  return by_dtype([](at::ScalarType t) { return PyFloat_FromDouble(tesloss::min_tau(t)); });
 }
 
 // Adds `value` (a new reference, or nullptr on failure) to the module as `name`.
@@ -88,6 +107,7 @@ extern "C" PyObject* TESLOSS_PYINIT(TORCH_EXTENSION_NAME)(void) {
       add(module, "reductions", names(tesloss::kReductionNames)) &&
       add(module, "params", param_table()) &&
       add(module, "accumulation_dtypes", accumulation_dtypes()) &&
+      add(module, "min_tau", min_taus()) &&
       PyModule_AddStringConstant(module, "cpu_capability",
                                  TESLOSS_STR(TESLOSS_CPU_CAPABILITY_NAME)) == 0;
   if (!ok) Py_CLEAR(module);

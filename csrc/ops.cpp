@@ -26,6 +26,10 @@ at::ScalarType acc_scalar_type(at::ScalarType t) {
   });
 }
 
+double min_tau(at::ScalarType t) {
+  return acc_scalar_type(t) == at::kDouble ? kMinTau<double> : kMinTau<float>;
+}
+
 namespace {
 
 using torch::jit::Stack;
@@ -114,16 +118,15 @@ void check_backward_tensors(const at::Tensor& grad_loss, const at::Tensor& vis_l
 // The one parameter check that depends on the dtype: the kernels scale by
 // 1 / tau (times log2 e) in the accumulation type.
 void check_tau(const char* op, double tau, at::ScalarType dtype) {
-  const at::ScalarType acc = acc_scalar_type(dtype);
-  const double min_tau = acc == at::kDouble ? kMinTau<double> : kMinTau<float>;
-  TORCH_CHECK(tau >= min_tau, op, ": tau must be at least ", min_tau, " for ", dtype,
-              " logits (1 / tau must be finite in ", acc, "), got ", tau);
+  const double least = min_tau(dtype);
+  TORCH_CHECK(tau >= least, op, ": tau must be at least ", least, " for ", dtype,
+              " logits (1 / tau must be finite in ", acc_scalar_type(dtype), "), got ", tau);
 }
 
 ForwardTensors prepare_forward(const at::Tensor& vis_logits, const at::Tensor& txt_logits,
                                const at::Tensor& target, const Params& p) {
   check_forward_tensors(vis_logits, txt_logits, target);
-  check_tau("fused_tes_loss", p.tau, vis_logits.scalar_type());
+  check_tau("tes_loss_forward", p.tau, vis_logits.scalar_type());
   const int64_t B = vis_logits.size(0);
   const auto acc = vis_logits.options().dtype(acc_scalar_type(vis_logits.scalar_type()));
   return ForwardTensors{with_unit_class_stride(vis_logits),

@@ -58,6 +58,9 @@ using acc_t_of = std::conditional_t<std::is_same_v<scalar_t, double>, double, fl
 
 inline constexpr double kInf = std::numeric_limits<double>::infinity();
 inline constexpr double kLog2e = 1.44269504088896340736;
+// log2(e) = kLog2eHi + kLog2eLo to twice float's precision (tes_loss.h's split_exp).
+inline constexpr float kLog2eHi = static_cast<float>(kLog2e);
+inline constexpr float kLog2eLo = static_cast<float>(kLog2e - static_cast<double>(kLog2eHi));
 
 // The smallest tau the kernels take for an accumulation type: 1 / tau, times
 // log2(e) where the exponential is taken in base 2, must be finite in it.
@@ -104,32 +107,65 @@ inline constexpr bool kHasUniform = kTarget != kIndexTarget;
 template <int kTarget>
 inline constexpr bool kHasProbs = kTarget == kProbTarget;
 
-// What the row math needs of the parameters, in the accumulation type.
+// What the row math needs of the parameters: in the accumulation type where
+// the columns use them, in double where only each row's factors do. Every
+// constant derived from them (1 - lambda_v, 1 - eps, eps / C, lambda_t / tau
+// and their products) is formed in double from the parameters as given and
+// rounded once: formed in fp32 from lambda_v rounded to fp32, 1 - lambda_v at
+// lambda_v = 0.99999 was 1.0014e-5, and every gradient of the label with it.
 // txt_exp_hi + txt_exp_lo is log2(e) / tau to twice the type's precision: the
-// forward takes the text weights 2^((t - max t) * log2(e) / tau) from that
-// split (tes_loss.h's text_exp), so that a weight far below the max is as
-// accurate as one near it.
+// text weights are 2^((t - max t) * log2(e) / tau) from that split
+// (tes_loss.h's split_exp), so that a weight far below the max is as accurate
+// as one near it.
 template <typename acc_t>
 struct RowParams {
-  acc_t inv_tau;
+  acc_t inv_tau;             // 1 / tau
   acc_t lambda_v;
+  acc_t one_minus_lambda_v;  // 1 - lambda_v
   acc_t lambda_t;
   int64_t ignore_index;
   acc_t txt_exp_hi;
   acc_t txt_exp_lo;
-  acc_t smoothing;        // label_smoothing, eps
-  acc_t inv_num_classes;  // 1 / C
+  acc_t smoothing;           // label_smoothing, eps
+  acc_t one_minus_smoothing; // 1 - eps
+  acc_t inv_num_classes;     // 1 / C
+  // The gradients' weights, in double: each row's factors are formed from
+  // them in double and rounded once (tes_loss.h's grad_row). With
+  // w' = (1 - eps) q + eps / C = ref_weight p_ref + target_weight Y + uniform
+  // and Y' = (1 - eps) Y + eps / C:
+  double ref_weight;         // (1 - eps) lambda_v
+  double target_weight;      // (1 - eps) (1 - lambda_v)
+  double uniform;            // eps / C
+  double off_label;          // eps (1 - 1 / C): what smoothing moves off a label
+  double label_smoothing;    // eps
+  double txt_target_weight;  // 1 - eps
+  double lambda_t_over_tau;  // lambda_t / tau
 };
 
 template <typename acc_t>
 inline RowParams<acc_t> row_params(const Params& p, int64_t num_classes) {
+  const auto round = [](double x) { return static_cast<acc_t>(x); };
   const double scale = kLog2e / p.tau;
-  const acc_t hi = static_cast<acc_t>(scale);
-  return RowParams<acc_t>{static_cast<acc_t>(1.0 / p.tau), static_cast<acc_t>(p.lambda_v),
-                          static_cast<acc_t>(p.lambda_t), p.ignore_index,
-                          hi, static_cast<acc_t>(scale - static_cast<double>(hi)),
-                          static_cast<acc_t>(p.label_smoothing),
-                          static_cast<acc_t>(1.0 / static_cast<double>(num_classes))};
+  const acc_t hi = round(scale);
+  const double classes = static_cast<double>(num_classes);
+  const double eps = p.label_smoothing;
+  return RowParams<acc_t>{round(1.0 / p.tau),
+                          round(p.lambda_v),
+                          round(1.0 - p.lambda_v),
+                          round(p.lambda_t),
+                          p.ignore_index,
+                          hi,
+                          round(scale - static_cast<double>(hi)),
+                          round(eps),
+                          round(1.0 - eps),
+                          round(1.0 / classes),
+                          (1.0 - eps) * p.lambda_v,
+                          (1.0 - eps) * (1.0 - p.lambda_v),
+                          eps / classes,
+                          eps * ((classes - 1.0) / classes),
+                          eps,
+                          1.0 - eps,
+                          p.lambda_t / p.tau};
 }
 
 }  // namespace tesloss

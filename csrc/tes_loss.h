@@ -42,23 +42,9 @@
 #include <limits>
 
 #include "params.h"
-
-// The element functions differ by device: each device's exp comes first, so
-// the templates below find it. tests/cuda_emulator compiles the CUDA kernels
-// as host code, with the CUDA kernels' exp.
-#if defined(__CUDACC__) || defined(__HIPCC__) || defined(TESLOSS_CUDA_EMULATOR)
-#define TESLOSS_HD __host__ __device__ __forceinline__
-#include "cuda/device_exp.cuh"
-#else
-#define TESLOSS_HD inline
-#include "cpu/vec_exp.h"
-#endif
+#include "row_exp.h"
 
 namespace tesloss {
-
-TESLOSS_HD double tes_exp(double x) { return ::exp(x); }
-TESLOSS_HD float tes_log(float x) { return ::logf(x); }
-TESLOSS_HD double tes_log(double x) { return ::log(x); }
 
 // A max that keeps NaN, so a NaN logit reaches the loss instead of vanishing.
 template <typename acc_t>
@@ -71,38 +57,6 @@ TESLOSS_HD acc_t nan_max(acc_t a, acc_t b) {
 template <typename acc_t>
 TESLOSS_HD acc_t weighted(acc_t e, acc_t x) {
   return e == acc_t(0) ? acc_t(0) : e * x;
-}
-
-// exp(old_max - new_max), the factor that moves a running sum of exp(z - max)
-// to a new max. Equal maxima (including both -inf for an empty partial) give
-// exactly 1.
-template <typename acc_t>
-TESLOSS_HD acc_t rescale(acc_t old_max, acc_t new_max) {
-  return old_max == new_max ? acc_t(1) : tes_exp(old_max - new_max);
-}
-
-// A text weight exp(d / tau) for d = t - max t <= 0, as 2^(d * log2(e) / tau)
-// with log2(e) / tau split into hi + lo (RowParams): the exponent's integer part
-// n = round(d * hi) and the rest f = d * hi - n + d * lo, each fused
-// multiply-add rounding once, so f is right to its last bit however large
-// |d| / tau is. A weight far below the row's max is then as accurate as one
-// near it: a confident row's loss is made of such weights. Weights below 2^-126
-// are 0. fp64 takes its exact exp.
-TESLOSS_HD double text_exp(double d, const RowParams<double>& p) { return tes_exp(d * p.inv_tau); }
-
-TESLOSS_HD float text_exp(float d, const RowParams<float>& p) {
-  const float t = d * p.txt_exp_hi;
-  if (t != t) return t;
-  if (t < -126.0f) return 0.0f;
-  const float n = rintf(t);
-  const float f = fmaf(d, p.txt_exp_lo, fmaf(d, p.txt_exp_hi, -n));
-  return tes_exp2(f) * pow2i(static_cast<int>(n));
-}
-
-// The factor that moves a running sum of text weights to a new max.
-template <typename acc_t>
-TESLOSS_HD acc_t rescale_txt(acc_t old_max, acc_t new_max, const RowParams<acc_t>& p) {
-  return old_max == new_max ? acc_t(1) : text_exp(old_max - new_max, p);
 }
 
 template <typename acc_t>
@@ -124,10 +78,20 @@ TESLOSS_HD bool is_valid_label(int64_t label, int64_t num_classes) {
 
 // The gaps are kept times kGapScale = 2^-32, exactly (a power of two), so
 // that their sums stay finite: each term is at most the row's spread of
-// logits, which may be close to the largest float, and up to 2^30 of them are
-// added. Only a gap below 2^-94 loses bits to the scaling, where it is far
-// below the rounding of the log-sum-exp it is added to.
+// logits, which may be close to twice the largest float, and up to 2^30 of
+// them are added. A difference is scaled before it is taken (scaled_gap), so
+// that it too stays finite, and a weight is never scaled: a weight of 1e-35
+// times 2^-32 would be subnormal, and lose its bits. Only a difference below
+// 2^-94 loses bits to the scaling, where it is far below the rounding of the
+// log-sum-exp it is added to.
 inline constexpr double kGapScale = 1.0 / 4294967296.0;
+
+// (x - max) * kGapScale, rounded once (both products are exact), and finite
+// for any finite x and max.
+template <typename acc_t>
+TESLOSS_HD acc_t scaled_gap(acc_t x, acc_t scaled_max) {
+  return x * acc_t(kGapScale) - scaled_max;
+}
 
 // Online-softmax statistics of one row, or of any part of one. The last six
 // are the target's (params.h's TargetKind): kept where the kind has them, and
@@ -168,9 +132,8 @@ TESLOSS_HD acc_t softmax_shift(acc_t part_max) {
 // even where its max is -inf.
 template <typename acc_t>
 TESLOSS_HD acc_t regap(acc_t gap, acc_t old_max, acc_t new_max, acc_t weight_sum) {
-  if (weight_sum == acc_t(0)) return gap;
-  return old_max == new_max ? gap
-                            : gap + (new_max - old_max) * (weight_sum * acc_t(kGapScale));
+  if (weight_sum == acc_t(0) || old_max == new_max) return gap;
+  return gap + scaled_gap(new_max, old_max * acc_t(kGapScale)) * weight_sum;
 }
 
 // Combines the statistics of two disjoint parts of a row (vector lanes,
@@ -209,12 +172,14 @@ TESLOSS_HD RowState<acc_t> row_state_merge(const RowState<acc_t>& a, const RowSt
   return out;
 }
 
-// lambda * a + (1 - lambda) * b, exact at lambda = 0 and lambda = 1.
+// lambda * a + one_minus_lambda * b, exact at lambda = 0 and lambda = 1 (where
+// the other term may be inf or nan). one_minus_lambda is the params' 1 - lambda,
+// formed in double (row_params).
 template <typename acc_t>
-TESLOSS_HD acc_t lambda_mix(acc_t lambda, acc_t a, acc_t b) {
+TESLOSS_HD acc_t lambda_mix(acc_t lambda, acc_t one_minus_lambda, acc_t a, acc_t b) {
   if (lambda == acc_t(0)) return b;
-  if (lambda == acc_t(1)) return a;
-  return lambda * a + (acc_t(1) - lambda) * b;
+  if (one_minus_lambda == acc_t(0)) return a;
+  return lambda * a + one_minus_lambda * b;
 }
 
 // log of a sum of exponentials that includes exp(0) = 1: >= 0, and kept so
@@ -228,50 +193,52 @@ TESLOSS_HD acc_t log_of_sum(acc_t sum) {
 // (1 - eps) * of_target + eps * of_uniform: label smoothing's mix, exact at
 // eps = 0 and eps = 1.
 template <typename acc_t>
-TESLOSS_HD acc_t smoothed(acc_t eps, acc_t of_target, acc_t of_uniform) {
-  return lambda_mix(eps, of_uniform, of_target);
+TESLOSS_HD acc_t smoothed(const RowParams<acc_t>& p, acc_t of_target, acc_t of_uniform) {
+  return lambda_mix(p.smoothing, p.one_minus_smoothing, of_uniform, of_target);
 }
 
 // The per-row loss and the parts, from the finished statistics and, for a
 // class index, the label's own logits (unused for probability targets).
-// Writes kNumRowStats values to `out`.
+// Writes kNumRowStats values to `out`. Every cross-entropy is formed times
+// kGapScale, as the gaps are kept, and unscaled last: a part may pass the
+// largest float where the loss, which weighs it, does not (the scalings are
+// exact, so nothing else changes).
 template <int kTarget, typename acc_t>
 TESLOSS_HD void row_finalize(const RowState<acc_t>& st, acc_t z_label, acc_t t_label,
                              const RowParams<acc_t>& p, acc_t* out) {
+  constexpr acc_t kScale = acc_t(kGapScale);
   constexpr acc_t kUnscale = acc_t(1.0 / kGapScale);
-  const acc_t log_sum_vis = log_of_sum(st.sum_vis);
-  const acc_t log_sum_txt = log_of_sum(st.sum_txt);
+  const acc_t lse_vis = log_of_sum(st.sum_vis) * kScale;
+  const acc_t lse_txt = log_of_sum(st.sum_txt) * kScale;
   acc_t mass = acc_t(1);
   acc_t ce_vis, ce_txt;  // CE(z, Y), CE(s, Y)
   if constexpr (kHasProbs<kTarget>) {
     mass = st.mass;
-    ce_vis = mass * log_sum_vis + st.y_vis * kUnscale;
-    ce_txt = mass * log_sum_txt + st.y_txt * kUnscale * p.inv_tau;
+    ce_vis = mass * lse_vis + st.y_vis;
+    ce_txt = mass * lse_txt + st.y_txt * p.inv_tau;
   } else {
-    ce_vis = log_sum_vis + (st.max_vis - z_label);
-    ce_txt = log_sum_txt + (st.max_txt - t_label) * p.inv_tau;
+    ce_vis = lse_vis + scaled_gap(st.max_vis, z_label * kScale);
+    ce_txt = lse_txt + scaled_gap(st.max_txt, t_label * kScale) * p.inv_tau;
   }
-  const acc_t ce_ref = log_sum_vis + st.gap_vis / st.sum_txt * kUnscale;  // CE(z, p_ref)
-  const acc_t entropy_ref = log_sum_txt + st.gap_txt / st.sum_txt * kUnscale * p.inv_tau;
-  acc_t vision = lambda_mix(p.lambda_v, ce_ref, ce_vis);  // CE(z, q)
+  const acc_t ce_ref = lse_vis + st.gap_vis / st.sum_txt;  // CE(z, p_ref)
+  const acc_t entropy_ref = lse_txt + st.gap_txt / st.sum_txt * p.inv_tau;
+  acc_t vision = lambda_mix(p.lambda_v, p.one_minus_lambda_v, ce_ref, ce_vis);  // CE(z, q)
   if constexpr (kHasUniform<kTarget>) {
-    // CE(z, U) and CE(s, U); 1 / C before the unscaling, which could overflow.
-    const acc_t ce_uni_vis = log_sum_vis + st.uni_vis * p.inv_num_classes * kUnscale;
-    const acc_t ce_uni_txt =
-        log_sum_txt + st.uni_txt * p.inv_num_classes * kUnscale * p.inv_tau;
-    vision = smoothed(p.smoothing, vision, ce_uni_vis);
-    ce_vis = smoothed(p.smoothing, ce_vis, ce_uni_vis);
-    ce_txt = smoothed(p.smoothing, ce_txt, ce_uni_txt);
+    const acc_t ce_uni_vis = lse_vis + st.uni_vis * p.inv_num_classes;  // CE(z, U)
+    const acc_t ce_uni_txt = lse_txt + st.uni_txt * p.inv_num_classes * p.inv_tau;
+    vision = smoothed(p, vision, ce_uni_vis);
+    ce_vis = smoothed(p, ce_vis, ce_uni_vis);
+    ce_txt = smoothed(p, ce_txt, ce_uni_txt);
   }
-  out[kRowLoss] = vision + p.lambda_t * ce_txt;
+  out[kRowLoss] = (vision + p.lambda_t * ce_txt) * kUnscale;
   out[kRowMaxVis] = st.max_vis;
   out[kRowSumVis] = st.sum_vis;
   out[kRowMaxTxt] = st.max_txt;
   out[kRowSumTxt] = st.sum_txt;
   out[kRowMass] = mass;
-  out[kRowCeVis] = ce_vis;
-  out[kRowKlRef] = ce_ref - entropy_ref;
-  out[kRowCeTxt] = ce_txt;
+  out[kRowCeVis] = ce_vis * kUnscale;
+  out[kRowKlRef] = (ce_ref - entropy_ref) * kUnscale;
+  out[kRowCeTxt] = ce_txt * kUnscale;
 }
 
 // A row that is ignored: zero loss and parts. Its other statistics are never read.
@@ -296,82 +263,108 @@ TESLOSS_HD acc_t row_upstream_grad(const acc_t* grad_loss, int64_t grad_stride,
 //   dloss/dt_c = g_txt * exp((t_c - max_txt) / tau) - (g_y_txt * Y_c + g_uni_txt)
 // with the sums' reciprocals folded into the factors, so that the exponentials
 // are taken of differences within the row, never of a logit minus a rounded
-// log-sum-exp.
+// log-sum-exp. Each factor is formed in double and rounded once.
 template <typename acc_t>
 struct GradRow {
-  acc_t inv_tau;
+  acc_t inv_tau;     // text_exp's share of RowParams
+  acc_t txt_exp_hi;
+  acc_t txt_exp_lo;
   acc_t max_vis;
   acc_t max_txt;
   acc_t g_vis;       // g * sum(w') / sum_vis
   acc_t g_ref;       // g * (1 - eps) * lambda_v / sum_txt
   acc_t g_txt;       // g * lambda_t / tau * sum(Y') / sum_txt
-  acc_t inv_sum_vis;
-  acc_t inv_sum_txt;
-  acc_t g;           // the row's upstream gradient
-  acc_t ref_weight;  // (1 - eps) * lambda_v: p_ref's share of w'
-  acc_t lambda_t_over_tau;
-  acc_t label_smoothing;  // eps * (1 - 1 / C): what smoothing moves off a label
   acc_t g_uni_vis;   // g * eps / C
   acc_t g_uni_txt;   // g * lambda_t / tau * eps / C
   acc_t g_y_vis;     // g * (1 - eps) * (1 - lambda_v)
   acc_t g_y_txt;     // g * lambda_t / tau * (1 - eps)
+  // A class index's label column (grad_column):
+  acc_t g;           // the row's upstream gradient
+  acc_t g_lt;        // g * lambda_t / tau
+  acc_t inv_sum_vis;
+  acc_t inv_sum_txt;
+  acc_t ref_weight;  // (1 - eps) * lambda_v: p_ref's share of w'
+  acc_t vis_at;      // label_vis = (p_v - vis_at) + ref_weight (ref_at - p_ref) + vis_rest
+  acc_t ref_at;
+  acc_t vis_rest;
+  acc_t txt_at;      // label_txt = (p_ref - txt_at) + txt_rest
+  acc_t txt_rest;
 };
 
 // `stats` is the row's kNumRowStats statistics, `g` its upstream gradient.
 template <int kTarget, typename acc_t>
 TESLOSS_HD GradRow<acc_t> grad_row(const RowParams<acc_t>& p, const acc_t* stats, acc_t g) {
-  const acc_t eps = p.smoothing;
+  const double eps = p.label_smoothing;
   // sum(w') and sum(Y'), exactly 1 for a class index.
-  acc_t vis_mass = acc_t(1);
-  acc_t txt_mass = acc_t(1);
+  double vis_mass = 1;
+  double txt_mass = 1;
   if constexpr (kHasProbs<kTarget>) {
-    vis_mass = smoothed(eps, lambda_mix(p.lambda_v, acc_t(1), stats[kRowMass]), acc_t(1));
-    txt_mass = smoothed(eps, stats[kRowMass], acc_t(1));
+    const double mass = stats[kRowMass];
+    vis_mass = p.ref_weight + p.target_weight * mass + eps;
+    txt_mass = p.txt_target_weight * mass + eps;
   }
+  const double g_in = g;
+  const double g_lt = g_in * p.lambda_t_over_tau;
+  const double sum_vis = stats[kRowSumVis];
+  const double sum_txt = stats[kRowSumTxt];
   GradRow<acc_t> r;
   r.inv_tau = p.inv_tau;
+  r.txt_exp_hi = p.txt_exp_hi;
+  r.txt_exp_lo = p.txt_exp_lo;
   r.max_vis = stats[kRowMaxVis];
   r.max_txt = stats[kRowMaxTxt];
+  r.g_vis = static_cast<acc_t>(g_in * vis_mass / sum_vis);
+  r.g_ref = static_cast<acc_t>(g_in * p.ref_weight / sum_txt);
+  r.g_txt = static_cast<acc_t>(g_lt * txt_mass / sum_txt);
+  r.g_uni_vis = static_cast<acc_t>(g_in * p.uniform);
+  r.g_uni_txt = static_cast<acc_t>(g_lt * p.uniform);
+  r.g_y_vis = static_cast<acc_t>(g_in * p.target_weight);
+  r.g_y_txt = static_cast<acc_t>(g_lt * p.txt_target_weight);
+  r.g = g;
+  r.g_lt = static_cast<acc_t>(g_lt);
   r.inv_sum_vis = acc_t(1) / stats[kRowSumVis];
   r.inv_sum_txt = acc_t(1) / stats[kRowSumTxt];
-  r.ref_weight = (acc_t(1) - eps) * p.lambda_v;
-  r.lambda_t_over_tau = p.lambda_t * p.inv_tau;
-  r.label_smoothing = eps * (acc_t(1) - p.inv_num_classes);
-  r.g = g;
-  r.g_vis = g * vis_mass * r.inv_sum_vis;
-  r.g_ref = g * r.ref_weight * r.inv_sum_txt;
-  r.g_txt = g * r.lambda_t_over_tau * txt_mass * r.inv_sum_txt;
-  r.g_uni_vis = g * eps * p.inv_num_classes;
-  r.g_uni_txt = g * r.lambda_t_over_tau * eps * p.inv_num_classes;
-  r.g_y_vis = g * (acc_t(1) - eps) * (acc_t(1) - p.lambda_v);
-  r.g_y_txt = g * r.lambda_t_over_tau * (acc_t(1) - eps);
+  r.ref_weight = static_cast<acc_t>(p.ref_weight);
+  // The label's weight w'_y = target_weight + ref_weight p_ref + eps / C, and
+  // Y'_y = (1 - eps) + eps / C. Where the target's share is at least 1/2,
+  // p - w'_y is taken as (p - 1) + (1 - w'_y), whose parts are small where
+  // the row is confident (1 - w'_y = ref_weight (1 - p_ref) + off_label);
+  // else as (p - target_weight) - ref_weight p_ref - eps / C, whose parts are
+  // small where the label weighs little (lambda_v or eps near 1).
+  const bool vis_near_one = p.target_weight >= 0.5;
+  r.vis_at = static_cast<acc_t>(vis_near_one ? 1.0 : p.target_weight);
+  r.ref_at = vis_near_one ? acc_t(1) : acc_t(0);
+  r.vis_rest = static_cast<acc_t>(vis_near_one ? p.off_label : -p.uniform);
+  const bool txt_near_one = p.txt_target_weight >= 0.5;
+  r.txt_at = static_cast<acc_t>(txt_near_one ? 1.0 : p.txt_target_weight);
+  r.txt_rest = static_cast<acc_t>(txt_near_one ? p.off_label : -p.uniform);
   return r;
 }
 
+TESLOSS_HD float fused_mul_add(float a, float b, float c) { return fmaf(a, b, c); }
+TESLOSS_HD double fused_mul_add(double a, double b, double c) { return fma(a, b, c); }
+
 // Both gradients of one column for a class index target, in acc_t until the
-// one rounding to scalar_t. The label's column takes p - 1 with p formed
-// first, so a confident row's small difference is not lost to the factors'
-// rounding:
-//   p_v - w'_y   = (p_v - 1) + (1 - eps) lambda_v (1 - p_ref) + eps (1 - 1 / C)
-//   p_ref - Y'_y = (p_ref - 1) + eps (1 - 1 / C)
+// one rounding to scalar_t. The label's column takes grad_row's form of
+// p - w'_y, with p - at in one rounding.
 // Both forms are computed and one selected, without a branch: CUDA runs this
 // on every column of unrolled chunks, where a branch cost registers.
 template <int kTarget, typename scalar_t, typename acc_t>
 TESLOSS_HD void grad_column(scalar_t vis_in, scalar_t txt_in, bool is_label,
                             const GradRow<acc_t>& r, scalar_t& grad_vis, scalar_t& grad_txt) {
   static_assert(!kHasProbs<kTarget>, "probability targets take grad_column_probs");
-  const acc_t e_vis = tes_exp(static_cast<acc_t>(vis_in) - r.max_vis);
-  const acc_t e_txt = tes_exp((static_cast<acc_t>(txt_in) - r.max_txt) * r.inv_tau);
-  const acc_t p_v = e_vis * r.inv_sum_vis;
+  const acc_t e_vis = vis_weight(static_cast<acc_t>(vis_in), r.max_vis);
+  const acc_t e_txt = text_weight(static_cast<acc_t>(txt_in), r.max_txt, r);
   const acc_t p_ref = e_txt * r.inv_sum_txt;
-  acc_t label_vis = (p_v - acc_t(1)) + r.ref_weight * (acc_t(1) - p_ref);
-  acc_t label_txt = p_ref - acc_t(1);
-  if constexpr (kHasUniform<kTarget>) {
-    label_vis += r.label_smoothing;
-    label_txt += r.label_smoothing;
+  acc_t label_vis = fused_mul_add(e_vis, r.inv_sum_vis, -r.vis_at) +
+                    r.ref_weight * (r.ref_at - p_ref);
+  acc_t label_txt = fused_mul_add(e_txt, r.inv_sum_txt, -r.txt_at);
+  if constexpr (kHasUniform<kTarget>) {  // else both rests are 0
+    label_vis += r.vis_rest;
+    label_txt += r.txt_rest;
   }
   label_vis = r.g * label_vis;
-  label_txt = r.g * r.lambda_t_over_tau * label_txt;
+  label_txt = r.g_lt * label_txt;
   acc_t plain_vis = r.g_vis * e_vis - r.g_ref * e_txt;
   acc_t plain_txt = r.g_txt * e_txt;
   if constexpr (kHasUniform<kTarget>) {
@@ -388,8 +381,8 @@ template <typename scalar_t, typename acc_t>
 TESLOSS_HD void grad_column_probs(scalar_t vis_in, scalar_t txt_in, acc_t y,
                                   const GradRow<acc_t>& r, scalar_t& grad_vis,
                                   scalar_t& grad_txt) {
-  const acc_t e_vis = tes_exp(static_cast<acc_t>(vis_in) - r.max_vis);
-  const acc_t e_txt = tes_exp((static_cast<acc_t>(txt_in) - r.max_txt) * r.inv_tau);
+  const acc_t e_vis = vis_weight(static_cast<acc_t>(vis_in), r.max_vis);
+  const acc_t e_txt = text_weight(static_cast<acc_t>(txt_in), r.max_txt, r);
   grad_vis = static_cast<scalar_t>(r.g_vis * e_vis - r.g_ref * e_txt -
                                    (r.g_y_vis * y + r.g_uni_vis));
   grad_txt = static_cast<scalar_t>(r.g_txt * e_txt - (r.g_y_txt * y + r.g_uni_txt));

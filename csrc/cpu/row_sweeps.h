@@ -39,11 +39,12 @@ inline constexpr int64_t kRunVectors = 32;
 // needed, so the gaps cost one fused multiply-add each. Two things the plain
 // sums cannot take are left to a second, careful sum (kCareful): a weight of 0
 // against an infinite difference (a masked class) makes nan, where the term is
-// 0; and a lane's gap can overflow where the row's spread is near the largest
-// float. The careful sum scales each term by kGapScale (the plain one scales
-// the lane sums) and gives a zero weight a zero term. `probs` is the block's
-// target row (kHasProbs only); its sum, Y's mass, is also set in `mass`, to
-// near a double's precision: see forward_row.
+// 0; and a difference or a lane's gap can overflow where the row's spread is
+// near the largest float. The careful sum takes each difference scaled by
+// kGapScale (tes_loss.h's scaled_gap; the plain one scales the lane sums) and
+// gives a zero weight a zero term. `probs` is the block's target row
+// (kHasProbs only); its sum, Y's mass, is also set in `mass`, to near a
+// double's precision: see forward_row.
 template <bool kCareful, int kTarget, typename scalar_t, typename acc_t>
 RowState<acc_t> block_state(const scalar_t* vis, const scalar_t* txt, const acc_t* probs,
                             int64_t n, const RowParams<acc_t>& p, acc_t max_vis, acc_t max_txt,
@@ -51,27 +52,31 @@ RowState<acc_t> block_state(const scalar_t* vis, const scalar_t* txt, const acc_
   using Vec = Vectorized<acc_t>;
   constexpr int64_t W = Vec::size();
   const Vec shift_vis(softmax_shift(max_vis)), shift_txt(softmax_shift(max_txt)), zero(0);
-  const Vec gap_scale(static_cast<acc_t>(kCareful ? kGapScale : 1.0));
+  const Vec gap_scale(static_cast<acc_t>(kGapScale));
+  const Vec scaled_shift_vis = shift_vis * gap_scale, scaled_shift_txt = shift_txt * gap_scale;
   const ScaledExp<acc_t> exp_vis(acc_t(1));  // exp(z - max z)
-  const TextExp<acc_t, kCareful> exp_txt(p);  // exp((t - max t) / tau), accurately
-  // gap_vis, gap_txt -= w * (d_vis, d_txt), for weights w of the columns.
-  const auto add_gaps = [&](const Vec& w, const Vec& d_vis, const Vec& d_txt, Vec& gap_vis,
+  const auto exp_txt = text_weights<acc_t, kCareful>(p);  // exp((t - max t) / tau), accurately
+  // gap_vis, gap_txt -= w * (g_vis, g_txt), for weights w of the columns and
+  // the gaps' differences g.
+  const auto add_gaps = [&](const Vec& w, const Vec& g_vis, const Vec& g_txt, Vec& gap_vis,
                             Vec& gap_txt) {
     if constexpr (kCareful) {  // as chunk_state does it on CUDA
-      const Vec scaled = w * gap_scale;
-      gap_vis -= weighted(scaled, d_vis);
-      gap_txt -= weighted(scaled, d_txt);
+      gap_vis -= weighted(w, g_vis);
+      gap_txt -= weighted(w, g_txt);
     } else {
-      gap_vis = at::vec::fnmadd(w, d_vis, gap_vis);
-      gap_txt = at::vec::fnmadd(w, d_txt, gap_txt);
+      gap_vis = at::vec::fnmadd(w, g_vis, gap_vis);
+      gap_txt = at::vec::fnmadd(w, g_txt, gap_txt);
     }
   };
   Vec sum_vis(0), sum_txt(0), gap_vis(0), gap_txt(0);
   Vec uni_vis(0), uni_txt(0), y_vis(0), y_txt(0);
   Vec mass_hi(0), mass_lo(0);  // Kahan's sum and (minus) what it lost, per lane
   const auto add = [&](const Vec& z, const Vec& t, const Vec& y, int64_t lanes) {
-    Vec d_vis = z - shift_vis;  // <= 0
-    Vec d_txt = t - shift_txt;
+    const Vec d_vis = z - shift_vis;  // <= 0
+    const Vec d_txt = t - shift_txt;
+    // The gaps' differences: the exponents' own, or scaled (kCareful).
+    Vec g_vis = kCareful ? at::vec::fmsub(z, gap_scale, scaled_shift_vis) : d_vis;
+    Vec g_txt = kCareful ? at::vec::fmsub(t, gap_scale, scaled_shift_txt) : d_txt;
     Vec e_vis = exp_vis(d_vis);
     Vec e = exp_txt(d_txt);
     if (lanes < W) {
@@ -80,21 +85,21 @@ RowState<acc_t> block_state(const scalar_t* vis, const scalar_t* txt, const acc_
     }
     sum_vis += e_vis;
     sum_txt += e;
-    add_gaps(e, d_vis, d_txt, gap_vis, gap_txt);
+    add_gaps(e, g_vis, g_txt, gap_vis, gap_txt);
     if constexpr (kHasProbs<kTarget>) {  // padded lanes have y = 0
       const Vec term = y - mass_lo;
       const Vec sum = mass_hi + term;
       mass_lo = (sum - mass_hi) - term;
       mass_hi = sum;
-      add_gaps(y, d_vis, d_txt, y_vis, y_txt);
+      add_gaps(y, g_vis, g_txt, y_vis, y_txt);
     }
     if constexpr (kHasUniform<kTarget>) {
       if (lanes < W) {
-        d_vis = first_lanes(d_vis, zero, lanes);
-        d_txt = first_lanes(d_txt, zero, lanes);
+        g_vis = first_lanes(g_vis, zero, lanes);
+        g_txt = first_lanes(g_txt, zero, lanes);
       }
-      uni_vis = at::vec::fnmadd(d_vis, gap_scale, uni_vis);
-      uni_txt = at::vec::fnmadd(d_txt, gap_scale, uni_txt);
+      uni_vis -= g_vis;
+      uni_txt -= g_txt;
     }
   };
   const auto load_probs = [&](int64_t j, int64_t count) {
@@ -256,11 +261,18 @@ void backward_row(const scalar_t* vis, const scalar_t* txt, const acc_t* probs, 
   const Vec max_vis(r.max_vis), max_txt(r.max_txt), g_vis(r.g_vis), g_ref(r.g_ref),
       g_txt(r.g_txt), g_uni_vis(r.g_uni_vis), g_uni_txt(r.g_uni_txt), g_y_vis(r.g_y_vis),
       g_y_txt(r.g_y_txt);
-  const ScaledExp<acc_t> exp_vis(acc_t(1)), exp_txt(r.inv_tau);
+  // Both weights of the differences to the max taken exactly, and to the last
+  // bits of their exponents (tes_loss.h's vis_weight, text_weight): each is a
+  // gradient element's own term, and the rounded difference or exponent errs
+  // by |d| 2^-24 relatively, ulps of the element where |d| is large.
+  const auto exp_vis = vis_weights<acc_t, true>();
+  const auto exp_txt = text_weights<acc_t, true>(r);
   // Columns j.. of one vector: y is the target's weights (kHasProbs only).
   const auto grads = [&](const Vec& z, const Vec& t, const Vec& y, Vec& gv, Vec& gt) {
-    const Vec e_vis = exp_vis(z - max_vis);
-    const Vec e_txt = exp_txt(t - max_txt);
+    const Vec d_vis = z - max_vis;
+    const Vec d_txt = t - max_txt;
+    const Vec e_vis = exp_vis(d_vis, diff_lo(z, max_vis, d_vis));
+    const Vec e_txt = exp_txt(d_txt, diff_lo(t, max_txt, d_txt));
     gv = at::vec::fmsub(g_vis, e_vis, g_ref * e_txt);
     gt = g_txt * e_txt;
     if constexpr (kHasProbs<kTarget>) {

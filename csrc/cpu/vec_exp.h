@@ -114,46 +114,12 @@ class ScaledExp<float> {
 };
 #endif
 
-// The forward's text weights exp(d / tau) for d = t - max t <= 0, as tes_loss.h's
-// text_exp computes them one at a time: exactly 1 at d = 0, and as accurate far
-// below the max as near it. kClamped first clamps d to where the weight is
-// exactly 0; without it, AVX-512 still gives 0 for any finite d (vscalefps
-// underflows), but d = -inf gives nan, which sends the block to the forward's
-// careful sum, where the clamp is on.
-template <typename T, bool kClamped>
-class TextExp {
- public:
-  explicit TextExp(const RowParams<T>& p) : exp_(p.inv_tau) {}
-  at::vec::Vectorized<T> operator()(const at::vec::Vectorized<T>& d) const { return exp_(d); }
-
- private:
-  ScaledExp<T> exp_;
-};
+#if !defined(TESLOSS_VEC_EXP2)
+inline constexpr float kExp2Zero = -126.0f;  // split_exp's 0
+#endif
 
 #if defined(TESLOSS_VEC_EXP2)
-template <bool kClamped>
-class TextExp<float, kClamped> {
- public:
-  explicit TextExp(const RowParams<float>& p)
-      : hi_(p.txt_exp_hi), lo_(p.txt_exp_lo), d_min_(kExp2Zero / p.txt_exp_hi) {}
-  at::vec::Vectorized<float> operator()(const at::vec::Vectorized<float>& d_in) const {
-    using Vec = at::vec::Vectorized<float>;
-#if defined(CPU_CAPABILITY_AVX512)
-    constexpr bool kClamp = kClamped;
-#else
-    constexpr bool kClamp = true;  // times_pow2 needs n >= -127
-#endif
-    const Vec d = kClamp ? at::vec::clamp_min(d_in, d_min_) : d_in;  // a nan stays nan
-    const Vec n = nearest(d * hi_);
-    const Vec f = at::vec::fmadd(d, lo_, at::vec::fmsub(d, hi_, n));  // d (hi + lo) - n
-    return times_pow2(exp2_poly(f), n);
-  }
-
- private:
-  at::vec::Vectorized<float> hi_, lo_, d_min_;
-};
-
-// 2^f for |f| <= 1/2 and 2^n, one float at a time, inline (tes_loss.h's text_exp).
+// 2^f for |f| <= 1/2, one float at a time, inline (tes_loss.h's split_exp).
 inline float tes_exp2(float f) {
   float p = kExp2Coefficients[0];
   for (int k = 1; k < 7; ++k) p = std::fma(p, f, kExp2Coefficients[k]);
@@ -169,6 +135,90 @@ inline float pow2i(int n) {
   float out;
   std::memcpy(&out, &bits, sizeof(out));
   return out;
+}
+
+// exp((d + d_lo) * scale) of vectors d <= 0, as tes_loss.h's split_exp
+// computes it one at a time, from scale * log2(e) = hi + lo: exactly 1 at
+// d = 0, and as accurate far below the row's max as near it. Called with d
+// alone, d is taken as exact (the forward). kClamped first clamps d to where
+// the weight is exactly 0; without it, AVX-512 still gives 0 for any finite d
+// (vscalefps underflows), but d = -inf gives nan, which sends a block of the
+// forward to its careful sum, where the clamp is on. fp64 takes at::vec's exp
+// of d * scale.
+template <typename T, bool kClamped>
+class SplitExp {
+ public:
+  using Vec = at::vec::Vectorized<T>;
+  SplitExp(T scale, T /*hi*/, T /*lo*/) : exp_(scale) {}
+  Vec operator()(const Vec& d) const { return exp_(d); }
+  Vec operator()(const Vec& d, const Vec& /*d_lo*/) const { return exp_(d); }
+
+ private:
+  ScaledExp<T> exp_;
+};
+
+template <bool kClamped>
+class SplitExp<float, kClamped> {
+ public:
+  using Vec = at::vec::Vectorized<float>;
+  SplitExp(float /*scale*/, float hi, float lo) : hi_(hi), lo_(lo), d_min_(kExp2Zero / hi) {}
+  Vec operator()(const Vec& d) const { return exp<false>(d, Vec(0)); }
+  Vec operator()(const Vec& d, const Vec& d_lo) const { return exp<true>(d, d_lo); }
+
+ private:
+  template <bool kWithLo>
+  Vec exp(const Vec& d_in, const Vec& d_lo_in) const {
+#if defined(TESLOSS_VEC_EXP2)
+#if defined(CPU_CAPABILITY_AVX512)
+    constexpr bool kClamp = kClamped;
+#else
+    constexpr bool kClamp = true;  // times_pow2 needs n >= -127
+#endif
+    const Vec d = kClamp ? at::vec::clamp_min(d_in, d_min_) : d_in;  // a nan stays nan
+    const Vec n = nearest(d * hi_);
+    Vec rest = at::vec::fmsub(d, hi_, n);  // d hi - n
+    if constexpr (kWithLo) {
+      // Where d was clamped its d_lo (nan for d = -inf) no longer belongs to it.
+      const Vec d_lo = kClamp ? Vec::blendv(d_lo_in, Vec(0), d_in < d_min_) : d_lo_in;
+      rest = at::vec::fmadd(d_lo, hi_, rest);
+    }
+    return times_pow2(exp2_poly(at::vec::fmadd(d, lo_, rest)), n);
+#else
+    // Builds without a vector exp2 of their own go lane by lane.
+    alignas(64) float lanes[Vec::size()];
+    alignas(64) float lanes_lo[Vec::size()];
+    d_in.store(lanes);
+    d_lo_in.store(lanes_lo);
+    const float hi = hi_[0], lo = lo_[0];
+    for (int k = 0; k < Vec::size(); ++k) {
+      float& d = lanes[k];
+      const float t = d * hi;
+      if (t != t) continue;  // nan stays nan
+      if (t < -126.0f) {
+        d = 0.0f;
+        continue;
+      }
+      const float n = std::nearbyint(t);
+      const float rest = std::fma(d, hi, -n);
+      const float f = std::fma(d, lo, kWithLo ? std::fma(lanes_lo[k], hi, rest) : rest);
+      d = tes_exp2(f) * pow2i(static_cast<int>(n));
+    }
+    return Vec::loadu(lanes);
+#endif
+  }
+
+  at::vec::Vectorized<float> hi_, lo_, d_min_;
+};
+
+// The text weights exp((t - max t) / tau), from RowParams or GradRow, and the
+// vision weights exp(z - max z).
+template <typename T, bool kClamped, typename P>
+SplitExp<T, kClamped> text_weights(const P& p) {
+  return SplitExp<T, kClamped>(p.inv_tau, p.txt_exp_hi, p.txt_exp_lo);
+}
+template <typename T, bool kClamped>
+SplitExp<T, kClamped> vis_weights() {
+  return SplitExp<T, kClamped>(T(1), kLog2eHi, kLog2eLo);
 }
 
 }  // namespace tesloss

@@ -54,29 +54,30 @@ TESLOSS_HD RowState<acc_t> chunk_state(const acc_t (&z)[N], const acc_t (&t)[N],
   }
   const acc_t shift_vis = softmax_shift(max_vis);
   const acc_t shift_txt = softmax_shift(max_txt);
+  const acc_t scaled_shift_vis = shift_vis * acc_t(kGapScale);
+  const acc_t scaled_shift_txt = shift_txt * acc_t(kGapScale);
   RowState<acc_t> s = row_state_empty<acc_t>();
   s.max_vis = max_vis;
   s.max_txt = max_txt;
   s.count = static_cast<acc_t>(live);
 #pragma unroll
   for (int k = 0; k < N; ++k) {
-    const acc_t d_vis = z[k] - shift_vis;
-    const acc_t d_txt = t[k] - shift_txt;
-    s.sum_vis += tes_exp(d_vis);
-    const acc_t e = text_exp(d_txt, p);
+    s.sum_vis += tes_exp(z[k] - shift_vis);
+    const acc_t e = text_exp(t[k] - shift_txt, p);
     s.sum_txt += e;
-    const acc_t w = e * acc_t(kGapScale);  // exact: a power of two
-    s.gap_vis -= weighted(w, d_vis);
-    s.gap_txt -= weighted(w, d_txt);
+    // The gaps' differences, scaled before they are taken (tes_loss.h's scaled_gap).
+    const acc_t g_vis = scaled_gap(z[k], scaled_shift_vis);
+    const acc_t g_txt = scaled_gap(t[k], scaled_shift_txt);
+    s.gap_vis -= weighted(e, g_vis);
+    s.gap_txt -= weighted(e, g_txt);
     if constexpr (kHasUniform<kTarget>) {  // padding adds nothing
-      s.uni_vis -= (k < live ? d_vis : acc_t(0)) * acc_t(kGapScale);
-      s.uni_txt -= (k < live ? d_txt : acc_t(0)) * acc_t(kGapScale);
+      s.uni_vis -= k < live ? g_vis : acc_t(0);
+      s.uni_txt -= k < live ? g_txt : acc_t(0);
     }
     if constexpr (kHasProbs<kTarget>) {
       s.mass += y[k];
-      const acc_t w_y = y[k] * acc_t(kGapScale);
-      s.y_vis -= weighted(w_y, d_vis);
-      s.y_txt -= weighted(w_y, d_txt);
+      s.y_vis -= weighted(y[k], g_vis);
+      s.y_txt -= weighted(y[k], g_txt);
     }
   }
   return s;
