@@ -73,11 +73,18 @@ BATCH_STATS = _C.batch_stats if LOADED else ()  # names of the batch_stats entri
 REDUCTIONS = {name: code for code, name in enumerate(_C.reductions)} if LOADED else {}
 PARAMS = _C.params if LOADED else ()  # ((name, schema type), ...) of the scalar arguments
 _ACCUMULATION_DTYPES = _C.accumulation_dtypes if LOADED else {}
+_MIN_TAU = _C.min_tau if LOADED else {}  # {logits dtype: the smallest tau the kernels take}
 
 
 def acc_dtype(dtype):
     """The dtype the kernels accumulate logits of `dtype` in, and return the loss in."""
     return _ACCUMULATION_DTYPES[dtype]
+
+
+def min_tau(dtype):
+    """The smallest tau the kernels take for logits of `dtype`: 1 / tau must be finite in
+    the accumulation dtype (0 without the library: the reference takes any tau > 0)."""
+    return _MIN_TAU.get(dtype, 0.0)
 
 
 def _kernel_devices():

@@ -75,7 +75,9 @@ def fused_tes_loss(vis_logits: torch.Tensor, txt_logits: torch.Tensor, target: t
         ``(loss, parts)``. Gradients reach ``vis_logits`` and ``txt_logits``
         in their own dtypes, and are differentiable again
         (``create_graph=True``), with ``q`` a constant as in the recipe. Each
-        row's loss is >= 0 and unchanged by a constant added to its logits.
+        row's loss is unchanged by a constant added to its logits, and >= 0
+        where the target's entries are >= 0 (negative probabilities are taken
+        as ``F.cross_entropy`` takes them, and can make a row's loss negative).
     """
     _check(vis_logits, txt_logits, target, tau, lambda_v, lambda_t, ignore_index, reduction,
            label_smoothing)
@@ -119,6 +121,7 @@ def _check(vis_logits, txt_logits, target, tau, lambda_v, lambda_t, ignore_index
         raise ValueError(f"fused_tes_loss: vis_logits, txt_logits and target must be on one "
                          f"device, got {vis_logits.device}, {txt_logits.device} and {target.device}")
     _check_number("tau", tau, "a finite number > 0", lambda v: 0 < v < math.inf)
+    _check_tau_for_dtype(tau, torch.promote_types(vis_logits.dtype, txt_logits.dtype))
     _check_number("lambda_v", lambda_v, "a number in [0, 1]", lambda v: 0 <= v <= 1)
     _check_number("lambda_t", lambda_t, "a finite number >= 0", lambda v: 0 <= v < math.inf)
     if type(ignore_index) is not int and (
@@ -185,6 +188,13 @@ def _check_number(name, value, expected, ok):
     if not ok(number):  # nan fails every comparison
         shown = repr(value) if len(repr(value)) <= 40 else f"{repr(value)[:20]}... ({number})"
         raise ValueError(f"fused_tes_loss: {name} must be {expected}, got {shown}")
+
+
+def _check_tau_for_dtype(tau, dtype):
+    least = _ops.min_tau(dtype)
+    if tau < least:
+        raise ValueError(f"fused_tes_loss: tau must be at least {least:.5g} for {dtype} logits "
+                         f"(1 / tau must be finite in {_ops.acc_dtype(dtype)}), got {tau!r}")
 
 
 _warned_fallback = set()
