@@ -1,10 +1,12 @@
 # The two commands: `make test` and `make bench`. Each sets everything up on a fresh machine.
+# `make fuzz` explores the test suite's properties with random draws for FUZZ_MINUTES.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+FUZZ_MINUTES ?= 20
 
-.PHONY: install test bench clean
+.PHONY: install test fuzz bench clean
 
 install: $(VENV)/.installed
 
@@ -21,6 +23,9 @@ $(VENV)/.installed: $(VENV)/.deps setup.py pyproject.toml tesloss/_build.py $(wi
 
 test: install
 	TESLOSS_REQUIRE_EXTENSION=1 $(PY) -m pytest -q tests
+
+fuzz: install
+	$(PY) tests/fuzz.py --minutes $(FUZZ_MINUTES)
 
 bench: install
 	$(PY) bench/bench_loss.py

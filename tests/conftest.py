@@ -19,16 +19,20 @@ import tesloss
 from tesloss import _ops
 from tesloss.reference import tes_loss as reference_tes_loss
 
+# Every run of the suite draws the same examples ("ci", derandomized: no example
+# database either), so a newcomer's `make test` is CI's run, and a red run is always
+# reproducible. Random exploration is `make fuzz` (tests/fuzz.py), under "fuzz":
+# fresh draws each run, nothing kept for the next, a failing example printed whole
+# to be made a fixed test case.
 settings.register_profile(
-    "default", deadline=None, max_examples=300, print_blob=True,
+    "ci", deadline=None, max_examples=300, print_blob=True, derandomize=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-# CI draws the same examples every run, so a red CI is always reproducible.
-settings.register_profile("ci", parent=settings.get_profile("default"), derandomize=True)
+settings.register_profile("fuzz", parent=settings.get_profile("ci"), derandomize=False,
+                          database=None, max_examples=1000)
 # For a lent GPU's short time (bench/gpu_check.sh): fewer draws, the same ones every run.
 settings.register_profile("gpu", parent=settings.get_profile("ci"), max_examples=50)
-settings.load_profile(os.environ.get("TESLOSS_HYPOTHESIS_PROFILE")
-                      or ("ci" if os.environ.get("CI") else "default"))
+settings.load_profile(os.environ.get("TESLOSS_HYPOTHESIS_PROFILE") or "ci")
 
 # Every property runs on each of these (pytorch_scatter's `devices` list). Tests
 # of what only a GPU has live in test_cuda.py; `pytest -m cuda` selects both.
@@ -65,6 +69,15 @@ def device(request):
 # units of float64 times the size of what rounding acts on (scales) instead.
 # Rows near zero loss, where this rule is loose, have rules of their own
 # (test_numerics.py): every row loss >= 0, and batches of confident rows.
+#
+# Gradients are also held to the rule element by element
+# (assert_elements_match): each element errs at most RULE_FACTOR times the
+# recipe's largest error on the elements of its size, plus FLOOR_ULPS ulps of
+# its size, not of the upstream gradient. An element is a difference,
+# g (sum(w') p_v - w') or g lambda_t / tau (sum(Y') p_ref - Y'), and its size
+# is the size of the terms it takes the difference of (gradient_sizes): what
+# any implementation that forms the terms rounds in. Sizes are grouped by
+# their power of two.
 RULE_FACTOR = 2.0
 FLOOR_ULPS = 4
 
@@ -121,17 +134,21 @@ class Case:
             return torch.ones(self.target.shape[0], dtype=torch.bool)
         return self.target.cpu() != self.kwargs["ignore_index"]
 
-    def smoothed_target(self):
-        """[B, C] float64: Y' = (1 - eps) Y + eps / C, zero for ignored rows."""
+    def target_rows(self):
+        """[B, C] float64: Y, onehot(y) for class indices, zero for ignored rows."""
         batch, num_classes = self.shape
-        eps = self.kwargs.get("label_smoothing", 0.0)
         if self.probs:
             y = self.target.cpu().double()
         else:
             label = torch.where(self.valid(), self.target.cpu(), 0)
             y = torch.zeros(batch, num_classes, dtype=torch.float64).scatter_(
                 1, label[:, None], 1.0)
-        y = (1 - eps) * y + eps / max(num_classes, 1)
+        return torch.where(self.valid()[:, None], y, 0.0)
+
+    def smoothed_target(self):
+        """[B, C] float64: Y' = (1 - eps) Y + eps / C, zero for ignored rows."""
+        eps = self.kwargs.get("label_smoothing", 0.0)
+        y = (1 - eps) * self.target_rows() + eps / max(self.shape[1], 1)
         return torch.where(self.valid()[:, None], y, 0.0)
 
     def leaves(self, dtype=None, device="cpu"):
@@ -164,6 +181,16 @@ def draw_probs(form, target, num_classes, gen, dtype):
     return y.to(dtype).double()
 
 
+# The edges of a parameter in [0, 1] (lambda_v, label_smoothing): 0, 1, and
+# 1 - 10^-k, where 1 - lambda is formed from lambda.
+UNIT_EDGES = (0.0, 1.0) + tuple(1 - 10.0**-k for k in range(1, 8))
+
+
+def log_uniform(low, high):
+    """Numbers 10^x for x drawn from [low, high]."""
+    return st.floats(low, high).map(lambda x: 10.0**x)
+
+
 @st.composite
 def tes_cases(draw, dtype, max_b=64, max_c=4096, device="cpu"):
     """A TeS problem: logits, target, parameters, layout and upstream gradient."""
@@ -174,7 +201,7 @@ def tes_cases(draw, dtype, max_b=64, max_c=4096, device="cpu"):
     form = draw(st.sampled_from(("index",) * 3 + TARGET_FORMS[1:]))
     if form == "mixup":
         batch += batch % 2
-    label_smoothing = draw(st.one_of(st.just(0.0), st.sampled_from([0.1, 1.0]),
+    label_smoothing = draw(st.one_of(st.just(0.0), st.sampled_from((0.1,) + UNIT_EDGES),
                                      st.floats(0.0, 1.0)))
     # Vector widths (8, 16) and the CPU kernel's 1024-column blocks, and past them.
     num_classes = draw(st.one_of(
@@ -193,14 +220,16 @@ def tes_cases(draw, dtype, max_b=64, max_c=4096, device="cpu"):
     # logits already multiplied by CLIP's logit scale.
     vis_offset = draw(st.sampled_from([0.0, 0.0, 1e4]))
     txt_offset = draw(st.sampled_from([0.0] if dtype == torch.float16 else [0.0, 0.0, 100.0]))
-    # Rows where both heads are sure of the label: losses near 0, where a formula
-    # that cancels goes negative.
-    confident = draw(st.booleans())
+    # Rows where both heads are sure of the label (losses near 0, where a formula
+    # that cancels goes negative), or where the label's logits are far below the
+    # rest (its terms, weighed by 1 - lambda_v, 1 - eps and lambda_t, dominate).
+    label_logits = draw(st.sampled_from(("anywhere", "confident", "far below")))
     very_negative = draw(st.booleans())
-    tau = draw(st.one_of(st.sampled_from([1e-4, 1e-3, 2**-5, 0.03, 1.0, 10.0]),
-                         st.floats(1e-4, 10.0)))
-    lambda_v = draw(st.one_of(st.sampled_from([0.0, 0.1, 1.0]), st.floats(0.0, 1.0)))
-    lambda_t = draw(st.one_of(st.sampled_from([0.0, 0.3, 1.0]), st.floats(0.0, 1.0)))
+    tau = draw(st.one_of(st.sampled_from([1e-4, 1e-3, 2**-5, 0.03, 1.0, 10.0, 100.0]),
+                         st.floats(1e-4, 100.0), log_uniform(-4, 2)))
+    lambda_v = draw(st.one_of(st.sampled_from((0.1,) + UNIT_EDGES), st.floats(0.0, 1.0)))
+    lambda_t = draw(st.one_of(st.sampled_from([0.0, 0.3, 1.0, 1e-7, 1e4]), st.floats(0.0, 1.0),
+                              log_uniform(-7, 4)))
     reduction = draw(st.sampled_from(REDUCTIONS))
     ignore_index = draw(st.sampled_from([-100, -1, 0]))
     ignore_fraction = draw(st.sampled_from([0.0, 0.25, 1.0]))
@@ -212,10 +241,13 @@ def tes_cases(draw, dtype, max_b=64, max_c=4096, device="cpu"):
         mask = torch.rand(batch, num_classes, generator=gen) < 0.3
         vis = vis.masked_fill(mask, -1e4)
     target = torch.randint(0, num_classes, (batch,), generator=gen)
-    if confident:
-        rows = torch.arange(batch)
+    rows = torch.arange(batch)
+    if label_logits == "confident":
         vis[rows, target] = vis.amax(1) + 20
         txt[rows, target] = txt.amax(1) + 0.5
+    elif label_logits == "far below":
+        vis[rows, target] = vis.amin(1) - 20
+        txt[rows, target] = txt.amin(1) - 0.5
     vis = vis + torch.rand(batch, 1, generator=gen, dtype=torch.float64) * vis_offset
     txt = txt + torch.rand(batch, 1, generator=gen, dtype=torch.float64) * txt_offset
     ignored = torch.rand(batch, generator=gen) < ignore_fraction
@@ -271,8 +303,12 @@ def run(loss_fn, case, dtype=None, device="cpu", **extra):
     return loss.detach().cpu(), vis.grad.cpu(), txt.grad.cpu()
 
 
-def run_reference64(case):
-    return run(reference_tes_loss, case, torch.float64)
+def run_reference64(case, dtype=torch.float64):
+    """The float64 truth: the recipe in float64 on the case's logits as a kernel reads
+    them in `dtype` (rounded to it), so that no error of the inputs counts."""
+    rounded = dataclasses.replace(case, vis_logits=case.vis_logits.to(dtype),
+                                  txt_logits=case.txt_logits.to(dtype))
+    return run(reference_tes_loss, rounded, torch.float64)
 
 
 def scales(case):
@@ -283,7 +319,8 @@ def scales(case):
     plus lambda_v * <p_ref, |s| |z - <p_ref, z>|>: s = t / tau is rounded, and
     <p_ref, z> moves with s by p_ref * (z - <p_ref, z>). Y' is the smoothed
     target (onehot(y) for a class index and no smoothing, where the terms are
-    |z_y| and |s_y|) and m = max(1, sum |Y'|).
+    |z_y| and |s_y|) and m = max(1, sum |Y'|). The terms of s, m |lse(s)| and
+    <|Y'|, |s|>, are times lambda_t where lambda_t > 1.
     Gradients: g * m * (1 + |lse(z)| + |lse(s)|), where g is the row's upstream
     gradient, times lambda_t / tau for the text gradient.
     """
@@ -303,7 +340,8 @@ def scales(case):
             p_ref * txt.abs() * (vis - ref_vis).abs()).nan_to_num().sum(1)
         y_z = (y * vis.abs()).nan_to_num().sum(1)
         y_s = (y * txt.abs()).nan_to_num().sum(1)
-    loss_row = mass * (1 + lse_z.abs() + lse_s.abs()) + ref_abs + y_z + y_s
+    text_weight = max(1.0, case.kwargs["lambda_t"])  # the loss weighs CE(s, Y) by lambda_t
+    loss_row = mass * (1 + lse_z.abs()) + ref_abs + y_z + text_weight * (mass * lse_s.abs() + y_s)
     grad_row = mass * (1 + lse_z.abs() + lse_s.abs())
 
     reduction = case.kwargs["reduction"]
@@ -340,13 +378,22 @@ def assert_close(actual, expected, tol, scale, what):
         )
 
 
-def max_error(actual, expected):
-    """max |actual - expected|; a nan or inf where the truth is finite is infinitely
-    wrong, and matching nans or infinities are right."""
+def errors(actual, expected):
+    """|actual - expected| elementwise, for `actual` in its own dtype and the float64
+    truth `expected`: 0 where both are the same nan or infinity, or where the truth
+    rounds to the infinity `actual` holds (it is past the dtype's largest float); inf
+    where one is nan or infinite and the other is not."""
+    rounded = expected.to(actual.dtype)
     actual = actual.double()
-    same = (actual == expected) | (torch.isnan(actual) & torch.isnan(expected))
-    diff = torch.where(same, 0.0, (actual - expected).abs().nan_to_num(
-        nan=math.inf, posinf=math.inf))
+    same = ((actual == expected) | (torch.isnan(actual) & torch.isnan(expected))
+            | (torch.isinf(actual) & (actual == rounded.double())))
+    return torch.where(same, 0.0, (actual - expected).abs().nan_to_num(nan=math.inf,
+                                                                       posinf=math.inf))
+
+
+def max_error(actual, expected):
+    """The largest of errors(actual, expected)."""
+    diff = errors(actual, expected)
     return diff.max().item() if diff.numel() else 0.0
 
 
@@ -395,7 +442,7 @@ def assert_matches_reference(case, dtype, fused, in_dtype=None, where=""):
     vis_logits, grad txt_logits) from a kernel run on the case cast to `dtype`;
     `in_dtype` the same outputs of the recipe run in that dtype (unused for fp64)."""
     fused = [x.cpu() for x in fused]
-    exact = [x.cpu() for x in run_reference64(case)]
+    exact = [x.cpu() for x in run_reference64(case, dtype)]
     names = ("loss", "grad vis_logits", "grad txt_logits")
     loss_dtype = _ops.acc_dtype(dtype)
     assert fused[0].dtype == loss_dtype, f"{dtype} inputs give a {loss_dtype} loss{where}"
@@ -411,6 +458,63 @@ def assert_matches_reference(case, dtype, fused, in_dtype=None, where=""):
             f"{name} in {dtype}{where}: fused error {err:.3e} > {RULE_FACTOR} x recipe-in-"
             f"{dtype} error {recipe_err:.3e} + floor {floor:.3e} (largest true value "
             f"{max_abs(e):.3e})")
+    for name, f, r, e, size in zip(names[1:], fused[1:], in_dtype[1:], exact[1:],
+                                   gradient_sizes(case)):
+        assert_elements_match(name, f, r, e, size, where)
+
+
+def gradient_sizes(case):
+    """[B, C] float64 for each gradient: the size of the terms each element is the
+    difference of, |g| (|sum(w')| p_v + |w'|) for vis_logits and
+    |g| lambda_t / tau (|sum(Y')| p_ref + |Y'|) for txt_logits, with g the row's
+    upstream gradient (0 for ignored rows) and w', Y' the smoothed targets."""
+    kw = case.kwargs
+    batch, num_classes = case.shape
+    valid = case.valid()
+    eps, lambda_v = kw.get("label_smoothing", 0.0), kw["lambda_v"]
+    vis = case.vis_logits.double().cpu()
+    txt = case.txt_logits.double().cpu() / kw["tau"]
+    p_v, p_ref = (x.softmax(1).nan_to_num() for x in (vis, txt))
+    y_smoothed = case.smoothed_target()
+    w = (1 - eps) * (lambda_v * p_ref + (1 - lambda_v) * case.target_rows()) + eps / max(
+        num_classes, 1)
+    w = torch.where(valid[:, None], w, 0.0)
+    g = case.grad_out.double().abs().cpu()
+    if kw["reduction"] == "none":
+        g_row = g
+    else:
+        n = max(int(valid.sum()), 1) if kw["reduction"] == "mean" else 1
+        g_row = (g / n).expand(batch)
+    g_row = torch.where(valid, g_row, 0.0)[:, None]
+    vis_size = g_row * (w.sum(1, keepdim=True).abs() * p_v + w.abs())
+    txt_size = g_row * kw["lambda_t"] / kw["tau"] * (
+        y_smoothed.sum(1, keepdim=True).abs() * p_ref + y_smoothed.abs())
+    return vis_size, txt_size
+
+
+def assert_elements_match(name, fused, recipe, exact, size, where=""):
+    """The rule's element-wise part for one gradient (see the table above)."""
+    dtype = fused.dtype
+    fused, recipe = fused.cpu(), recipe.cpu()
+    size = size.expand_as(exact)
+    # The power of two of each element's size; sizes of 0 (and below the smallest
+    # normal) share one group.
+    group = torch.where(size >= torch.finfo(dtype).tiny, torch.frexp(size)[1], -100000)
+    groups, index = torch.unique(group, return_inverse=True)
+    recipe_err = torch.zeros(len(groups), dtype=torch.float64).scatter_reduce(
+        0, index.flatten(), errors(recipe, exact).flatten(), "amax")[index]
+    allowed = (RULE_FACTOR * recipe_err + FLOOR_ULPS * torch.finfo(dtype).eps * size
+               + torch.finfo(dtype).tiny)
+    err = errors(fused, exact)
+    bad = ~(err <= allowed)
+    if bad.any():
+        i = tuple(int(k) for k in bad.nonzero()[0])
+        raise AssertionError(
+            f"{name} in {dtype}{where}: {int(bad.sum())} of {bad.numel()} elements err more than "
+            f"{RULE_FACTOR} x the recipe's error on elements of their size + {FLOOR_ULPS} ulps; "
+            f"first at {list(i)}: fused {fused[i].item()!r}, truth {exact[i].item()!r}, error "
+            f"{err[i].item():.3e} > {allowed[i].item():.3e} (recipe's error on elements of size "
+            f"{size[i].item():.3e}: {recipe_err[i].item():.3e})")
 
 
 def placed(x, offset, row_stride):

@@ -123,8 +123,9 @@ BAD_PARAMETERS = [
     ("lambda_v", 10**400, ValueError, "lambda_v must be a number in [0, 1], got 1000000000"),
     ("lambda_t", 10**400, ValueError, "lambda_t must be a finite number >= 0, got 1000000000"),
     ("lambda_t", -10**400, ValueError, "got -1000000000"),
-    # 1 / tau must be finite in the accumulation type (fp32 here): the compiled op's check.
-    ("tau", 1e-40, RuntimeError, "tau must be at least 4.2397e-39 for Float logits"),
+    # 1 / tau must be finite in the accumulation type (fp32 here).
+    ("tau", 1e-39, ValueError, "tau must be at least 4.2397e-39 for torch.float32 logits "
+                               "(1 / tau must be finite in torch.float32), got 1e-39"),
 ]
 
 
@@ -165,6 +166,17 @@ def test_the_callers_tensors_are_never_written(device, dtype):
         tesloss.fused_tes_loss(vis, txt, target, reduction=reduction).sum().backward()
     for x, y in zip((vis, txt, target), before):
         assert torch.equal(x.detach(), y)
+
+
+def test_the_smallest_tau_depends_on_the_accumulation_dtype():
+    vis, txt, target = good()
+    for dtype in (torch.bfloat16, torch.float16):
+        with pytest.raises(ValueError, match=rf"tau must be at least 4.2397e-39 for {dtype} "):
+            tesloss.fused_tes_loss(vis.to(dtype), txt.to(dtype), target, tau=1e-39)
+    # Mixed logits are checked in the dtype they are promoted to.
+    with pytest.raises(ValueError, match="for torch.float32 logits"):
+        tesloss.fused_tes_loss(vis, txt.to(torch.bfloat16), target, tau=1e-39)
+    assert torch.isfinite(tesloss.fused_tes_loss(vis.double(), txt.double(), target, tau=1e-39))
 
 
 def test_mixed_dtypes_are_promoted_not_misread():

@@ -162,7 +162,7 @@ def assert_like_the_cpu_op(case, dtype, emulated, in_dtype):
         for name, e, c, scale in zip(names, emulated, cpu, scales(case)):
             assert_close(e, c.double(), tol, torch.as_tensor(scale), f"{name}, against the CPU op")
         return
-    bounds = rule_bounds(case, emulated, run_reference64(case), in_dtype)
+    bounds = rule_bounds(case, emulated, run_reference64(case, dtype), in_dtype)
     for name, e, c, (allowed, _, _) in zip(names, emulated, cpu, bounds):
         assert max_error(e, c.double()) <= 2 * allowed, (
             f"{name} in {dtype}: emulated CUDA and CPU op differ by {max_error(e, c.double()):.3e}"

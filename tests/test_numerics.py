@@ -47,6 +47,113 @@ def offset(case, vis_offset=0.0, txt_offset=0.0, seed=1):
                 case.grad_out, case.kwargs)
 
 
+def label_far_below(case, vis_gap=20.0, txt_gap=0.5):
+    """Each row's label `vis_gap` below its least vision logit and `txt_gap` below
+    its least text logit: the terms that 1 - lambda_v, 1 - eps and lambda_t weigh
+    then dominate the row."""
+    vis, txt = case.vis_logits.clone(), case.txt_logits.clone()
+    rows = torch.arange(len(vis))
+    vis[rows, case.target] = vis.amin(1) - vis_gap
+    txt[rows, case.target] = txt.amin(1) - txt_gap
+    return Case(vis, txt, case.target, case.grad_out, case.kwargs)
+
+
+def as_probabilities(case, dtype, seed=15):
+    """The case with each class index made a probability row: 0.9 on the label,
+    the rest spread at random, rounded to `dtype`."""
+    gen = torch.Generator().manual_seed(seed)
+    spread = torch.rand(case.shape, generator=gen, dtype=torch.float64).softmax(1)
+    onehot = torch.nn.functional.one_hot(case.target, case.shape[1]).double()
+    probs = (0.9 * onehot + 0.1 * spread).to(dtype).double()
+    return Case(case.vis_logits, case.txt_logits, probs, case.grad_out, case.kwargs)
+
+
+# The parameters at their edges, where a constant derived from them loses its
+# digits if it is formed in the accumulation type: 1 - lambda_v and 1 - eps near
+# 0, eps / C, lambda_t / tau. lambda_v = 0.99999 at tau = 1e-4 was a newcomer's
+# first `make test`: 1 - lambda_v came out 1.0014e-5 in fp32, and the loss erred
+# 1.4e-4 where the recipe errs 7e-8.
+PARAMETER_EDGES = {
+    "lambda_v 1 - 1e-5, tau 1e-4": dict(lambda_v=1 - 1e-5, tau=1e-4, lambda_t=0.0),
+    "lambda_v 1 - 1e-7": dict(lambda_v=1 - 1e-7),
+    "lambda_v 1": dict(lambda_v=1.0),
+    "lambda_v 0, lambda_t 0": dict(lambda_v=0.0, lambda_t=0.0),
+    "eps 1 - 1e-6, tau 100": dict(label_smoothing=1 - 1e-6, tau=100.0, lambda_t=1.0),
+    "eps 1 - 1e-3, lambda_v 1 - 1e-3": dict(label_smoothing=1 - 1e-3, lambda_v=1 - 1e-3),
+    "eps 1": dict(label_smoothing=1.0),
+    "eps 1e-7": dict(label_smoothing=1e-7),
+    "lambda_t 1e-7": dict(lambda_t=1e-7),
+    "lambda_t 1e4, tau 1e-4": dict(lambda_t=1e4, tau=1e-4),
+    "lambda_t 1e4, tau 100": dict(lambda_t=1e4, tau=100.0),
+}
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("target", ["index", "probs"])
+@pytest.mark.parametrize("edge", PARAMETER_EDGES)
+def test_parameters_at_their_edges(device, dtype, target, edge):
+    case = label_far_below(problem(64, 300, seed=14, reduction="sum", **PARAMETER_EDGES[edge]))
+    if target == "probs":
+        case = as_probabilities(case, dtype)
+    check_against_reference(case, dtype, device)
+
+
+def test_a_newcomers_first_failure(device):
+    # The draw of that first `make test`: the label's weight 1 - lambda_v is the
+    # whole row's target weight where p_ref puts none on the label.
+    case = Case(torch.tensor([[-1e4, -0.293, -2.18]], dtype=torch.float64),
+                torch.tensor([[0.0, 0.5, 0.2]], dtype=torch.float64), torch.tensor([0]),
+                torch.tensor(1.0, dtype=torch.float64),
+                dict(tau=1e-4, lambda_v=0.99999, lambda_t=0.0, ignore_index=-100,
+                     reduction="mean"))
+    check_against_reference(case, torch.float32, device)
+
+
+# Rows whose spread of logits passes the largest float (a difference to the
+# max overflows the accumulation type) while the loss, which weighs it, does not.
+SPREAD_OUT = {
+    "recipe": (0, dict()),
+    "lambda_v 1 - 1e-5, label at -max": (3, dict(lambda_v=1 - 1e-5)),
+    "smoothed": (0, dict(label_smoothing=0.1)),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("target", ["index", "probs"])
+@pytest.mark.parametrize("spread", SPREAD_OUT)
+def test_a_finite_loss_wherever_the_truth_is_finite(device, dtype, target, spread):
+    # bf16 logits [max, max, 0, -max] gave a loss of inf; the truth is 2.54e37.
+    label, kwargs = SPREAD_OUT[spread]
+    top = torch.finfo(dtype).max
+    vis = torch.tensor([[top, top, 0.0, -top]], dtype=dtype)
+    txt = torch.zeros(1, 4, dtype=dtype)
+    y = torch.tensor([label])
+    if target == "probs":
+        y = torch.nn.functional.one_hot(y, 4).double() * 0.8 + 0.05
+    truth = reference_tes_loss(vis.double(), txt.double(), y, **kwargs)
+    assert math.isfinite(truth.item()) and truth.item() > 1e36
+    vis, txt = (x.to(device).requires_grad_() for x in (vis, txt))
+    loss = tesloss.fused_tes_loss(vis, txt, y.to(device).to(torch.float32) if target == "probs"
+                                  else y.to(device), **kwargs)
+    loss.backward()
+    assert loss.item() == pytest.approx(truth.item(), rel=1e-5)
+    assert torch.isfinite(vis.grad).all() and torch.isfinite(txt.grad).all()
+
+
+def test_a_finite_loss_where_the_text_cross_entropy_alone_overflows(device):
+    # (max t - t_y) / tau = 4e38 passes fp32's largest float; lambda_t times it
+    # does not. The recipe in fp32 gives inf.
+    vis = torch.zeros(1, 2, device=device, requires_grad=True)
+    txt = torch.tensor([[1.0, -1.0]], device=device, requires_grad=True)
+    kwargs = dict(tau=5e-39, lambda_t=1e-7)
+    truth = reference_tes_loss(vis.detach().double().cpu(), txt.detach().double().cpu(),
+                               torch.tensor([1]), **kwargs)
+    loss = tesloss.fused_tes_loss(vis, txt, torch.tensor([1], device=device), **kwargs)
+    loss.backward()
+    assert loss.item() == pytest.approx(truth.item(), rel=1e-5)
+    assert torch.isfinite(txt.grad).all()
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("shape", [(16384, 1000), (65536, 2), (2**20, 2)])
 def test_long_batch_sums(device, shape, reduction):

@@ -132,6 +132,40 @@ def test_a_zero_weight_adds_nothing_against_a_masked_class(device):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("num_classes", [4, 40, 3000])
+def test_a_tiny_weight_counts_in_a_row_with_a_masked_class(device, dtype, num_classes):
+    # A weight of 1e-35 on a logit of -1e38 adds 1e3 to the loss. With a masked
+    # class in the row, the forward takes its careful sum, which scaled the weight
+    # by 2^-32 (to 2.3e-45, subnormal) before testing it for zero: the loss was
+    # 1205.0 where the truth is 1000.8 (C = 4).
+    vis = torch.zeros(2, num_classes, dtype=torch.float64)
+    vis[:, 1], vis[:, 2], vis[:, -1] = -1e38, -math.inf, 1.0
+    txt = torch.zeros(2, num_classes, dtype=torch.float64)
+    probs = torch.zeros(2, num_classes, dtype=torch.float64)
+    probs[:, 0], probs[:, 1], probs[:, -1] = 0.5, 1e-35, 0.5
+    kwargs = dict(lambda_v=0.0, lambda_t=0.0, reduction="none")
+    loss = tesloss.fused_tes_loss(vis.to(device, dtype), txt.to(device, dtype),
+                                  probs.to(device, dtype), **kwargs)
+    kept = torch.arange(num_classes) != 2  # the recipe gives nan: 0 * -inf
+    truth = reference_tes_loss(vis.to(dtype).double()[:, kept], txt[:, kept],
+                               probs.to(dtype).double()[:, kept], **kwargs)
+    assert truth.min() > 1000
+    torch.testing.assert_close(loss.cpu().double(), truth, rtol=1e-6, atol=0)
+
+
+def test_negative_probabilities_are_taken_as_cross_entropy_takes_them(device):
+    # Not a distribution, but F.cross_entropy takes them, and so does the op: a
+    # row's loss may then be negative (the docstring says so).
+    vis, txt, _, probs = problem()
+    probs[torch.arange(12), vis.argmin(1)] = -1.0  # against each row's least likely class
+    ours = tesloss.fused_tes_loss(vis.to(device), txt.to(device), probs.to(device),
+                                  lambda_v=0.0, lambda_t=0.0, reduction="none")
+    theirs = F.cross_entropy(vis, probs, reduction="none")
+    torch.testing.assert_close(ours.cpu(), theirs, rtol=1e-12, atol=1e-12)
+    assert (theirs < 0).any(), "some row's loss is negative"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_timm_mixup_targets(device, dtype):
     from timm.data import Mixup
