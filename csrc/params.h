@@ -58,7 +58,9 @@ using acc_t_of = std::conditional_t<std::is_same_v<scalar_t, double>, double, fl
 
 inline constexpr double kInf = std::numeric_limits<double>::infinity();
 inline constexpr double kLog2e = 1.44269504088896340736;
-// log2(e) = kLog2eHi + kLog2eLo to twice float's precision (tes_loss.h's split_exp).
+// 2^t rounds to 0 in float, subnormals included, for t below this.
+inline constexpr float kExp2Underflow = -151.0f;
+// log2(e) = kLog2eHi + kLog2eLo to twice float's precision (row_exp.h's split_exp).
 inline constexpr float kLog2eHi = static_cast<float>(kLog2e);
 inline constexpr float kLog2eLo = static_cast<float>(kLog2e - static_cast<double>(kLog2eHi));
 
@@ -115,7 +117,7 @@ inline constexpr bool kHasProbs = kTarget == kProbTarget;
 // lambda_v = 0.99999 was 1.0014e-5, and every gradient of the label with it.
 // txt_exp_hi + txt_exp_lo is log2(e) / tau to twice the type's precision: the
 // text weights are 2^((t - max t) * log2(e) / tau) from that split
-// (tes_loss.h's split_exp), so that a weight far below the max is as accurate
+// (row_exp.h's split_exp), so that a weight far below the max is as accurate
 // as one near it.
 template <typename acc_t>
 struct RowParams {

@@ -46,16 +46,17 @@ TESLOSS_HD acc_t diff_lo(acc_t x, acc_t y, acc_t d) {
 // max is as accurate as one near it. kWithLo takes d_lo (the backward, where
 // each weight is a gradient element's own term); without it d is taken as
 // exact (the forward, where weights are only summed). Weights below 2^-126
-// are 0.
+// are subnormal, not 0: the backward multiplies them by factors up to
+// lambda_t / tau, which bring them back among the normal numbers.
 template <bool kWithLo>
 TESLOSS_HD float split_exp(float d, float d_lo, float hi, float lo) {
   const float t = d * hi;
   if (t != t) return t;
-  if (t < -126.0f) return 0.0f;
+  if (t < kExp2Underflow) return 0.0f;
   const float n = rintf(t);
   const float rest = fmaf(d, hi, -n);
   const float f = fmaf(d, lo, kWithLo ? fmaf(d_lo, hi, rest) : rest);
-  return tes_exp2(f) * pow2i(static_cast<int>(n));
+  return times_pow2(tes_exp2(f), static_cast<int>(n));
 }
 
 // A text weight exp(d / tau), d = t - max t <= 0, and a vision weight

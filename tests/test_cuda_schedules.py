@@ -26,7 +26,7 @@ import pytest
 import torch
 from conftest import (ALL_DTYPES, EDGE_CLASSES, EDGE_TARGETS, ROW_LAYOUTS, TOLERANCES,
                       assert_close, assert_matches_reference, draw_case, edge_case, raw_params,
-                      run, run_reference64, scales)
+                      run, run_reference64, scales, subnormal_weights_case)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -153,6 +153,11 @@ def check_against_reference(schedules, case, tpr, count_writes=False):
 @given(data=st.data())
 def test_values_and_gradients_match_the_fp64_reference(schedules, dtype, tpr, data):
     check_against_reference(schedules, draw_case(data, dtype, max_b=16), tpr)
+
+
+@pytest.mark.parametrize("tpr", THREADS_PER_ROW)
+def test_subnormal_weights_that_large_factors_make_normal(schedules, tpr):
+    check_against_reference(schedules, subnormal_weights_case(), tpr)
 
 
 @pytest.mark.parametrize("tpr", THREADS_PER_ROW)

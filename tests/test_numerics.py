@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 from conftest import (ALL_DTYPES, FLOOR_ULPS, RULE_FACTOR, Case, check_against_reference,
-                      draw_probs, on_device)
+                      draw_probs, on_device, subnormal_weights_case)
 
 import tesloss
 from tesloss.reference import tes_loss as reference_tes_loss
@@ -152,6 +152,11 @@ def test_a_finite_loss_where_the_text_cross_entropy_alone_overflows(device):
     loss.backward()
     assert loss.item() == pytest.approx(truth.item(), rel=1e-5)
     assert torch.isfinite(txt.grad).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_subnormal_weights_that_large_factors_make_normal(device, dtype):
+    check_against_reference(subnormal_weights_case(dtype), dtype, device)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])

@@ -67,18 +67,20 @@ inline Floats exp2_poly(Floats f) {
 inline Floats nearest(Floats t) {
   return _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
-// p * 2^n for integral n in [-127, 128]: n = -127 builds the bit pattern of 0,
-// so results below 2^-126 flush to 0, and n = 128 builds inf.
-inline constexpr float kExp2Zero = -127.0f;  // times_pow2 gives exactly 0
+// p * 2^n for integral n in [-151, 63], as p * 2^(n + 64) * 2^-64: the first
+// product is exact, the second rounds once, to a subnormal where the result is
+// one; n = -191 would build the bit pattern of 0.
+inline constexpr float kExp2Zero = kExp2Underflow;  // times_pow2 gives 0 below
 inline Floats times_pow2(Floats p, Floats n) {
-  const __m256i biased = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(biased, 23)));
+  const __m256i biased = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127 + 64));
+  const Floats scaled = _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(biased, 23)));
+  return _mm256_mul_ps(scaled, _mm256_set1_ps(0x1p-64f));
 }
 
-// 2^t of 8 floats, t clamped to [-127, 128] first; f = t - n is exact. A nan
-// gives inf (the clamp's min picks 128).
+// 2^t of 8 floats, t clamped to [kExp2Zero, 63] first (every t here is <= 0);
+// f = t - n is exact. A nan gives 2^63 (the clamp's min picks 63).
 inline Floats exp2_vec(Floats t) {
-  t = _mm256_max_ps(_mm256_min_ps(t, _mm256_set1_ps(128.0f)), _mm256_set1_ps(-127.0f));
+  t = _mm256_max_ps(_mm256_min_ps(t, _mm256_set1_ps(63.0f)), _mm256_set1_ps(kExp2Zero));
   const Floats n = nearest(t);
   return times_pow2(exp2_poly(_mm256_sub_ps(t, n)), n);
 }
@@ -115,11 +117,11 @@ class ScaledExp<float> {
 #endif
 
 #if !defined(TESLOSS_VEC_EXP2)
-inline constexpr float kExp2Zero = -126.0f;  // split_exp's 0
+inline constexpr float kExp2Zero = kExp2Underflow;  // split_exp's 0
 #endif
 
 #if defined(TESLOSS_VEC_EXP2)
-// 2^f for |f| <= 1/2, one float at a time, inline (tes_loss.h's split_exp).
+// 2^f for |f| <= 1/2, one float at a time, inline (row_exp.h's split_exp).
 inline float tes_exp2(float f) {
   float p = kExp2Coefficients[0];
   for (int k = 1; k < 7; ++k) p = std::fma(p, f, kExp2Coefficients[k]);
@@ -137,7 +139,11 @@ inline float pow2i(int n) {
   return out;
 }
 
-// exp((d + d_lo) * scale) of vectors d <= 0, as tes_loss.h's split_exp
+// p * 2^n for p in [1/2, 2] and integral n in [-151, 0], rounded once: to a
+// subnormal where the result is one.
+inline float times_pow2(float p, int n) { return p * pow2i(n + 64) * 0x1p-64f; }
+
+// exp((d + d_lo) * scale) of vectors d <= 0, as row_exp.h's split_exp
 // computes it one at a time, from scale * log2(e) = hi + lo: exactly 1 at
 // d = 0, and as accurate far below the row's max as near it. Called with d
 // alone, d is taken as exact (the forward). kClamped first clamps d to where
@@ -194,14 +200,14 @@ class SplitExp<float, kClamped> {
       float& d = lanes[k];
       const float t = d * hi;
       if (t != t) continue;  // nan stays nan
-      if (t < -126.0f) {
+      if (t < kExp2Zero) {
         d = 0.0f;
         continue;
       }
       const float n = std::nearbyint(t);
       const float rest = std::fma(d, hi, -n);
       const float f = std::fma(d, lo, kWithLo ? std::fma(lanes_lo[k], hi, rest) : rest);
-      d = tes_exp2(f) * pow2i(static_cast<int>(n));
+      d = times_pow2(tes_exp2(f), static_cast<int>(n));
     }
     return Vec::loadu(lanes);
 #endif

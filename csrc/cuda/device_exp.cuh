@@ -39,12 +39,14 @@ __host__ __device__ __forceinline__ float tes_exp2(float x) {
 #endif
 }
 
-// 2^n for integral n in [-126, 127].
-__host__ __device__ __forceinline__ float pow2i(int n) {
+// p * 2^n for p in [1/2, 2] and integral n in [-151, 0], rounded once: the
+// first product is exact, the second rounds, to a subnormal where the result
+// is one (the kernels are compiled without flushing them to zero).
+__host__ __device__ __forceinline__ float times_pow2(float p, int n) {
 #if defined(__CUDA_ARCH__)
-  return __int_as_float((n + 127) << 23);
+  return p * __int_as_float((n + 127 + 64) << 23) * 0x1p-64f;
 #else
-  return std::ldexp(1.0f, n);
+  return p * std::ldexp(1.0f, n + 64) * 0x1p-64f;
 #endif
 }
 
