@@ -236,6 +236,59 @@ void forward_row(const scalar_t* vis, const scalar_t* txt, const acc_t* probs, i
   }
 }
 
+// The backward's weights exp((x - max) * scale) of one row's logits x <= max,
+// a vector at a time, as row_exp.h's vis_weight and text_weight take them:
+// the difference to the max exactly (diff_lo), the exponent to twice float's
+// precision (scale * log2(e) = hi + lo). Each is a gradient element's own
+// term, which a rounded difference or exponent gets wrong by
+// |x - max| scale 2^-24 relatively. A masked logit (-inf) gives 0: its
+// difference is clamped to where weights are 0.
+// fp64 takes at::vec's exp of (x - max) * scale.
+template <typename T>
+class RowWeights {
+ public:
+  using Vec = Vectorized<T>;
+  RowWeights(T max, T scale, float /*hi*/, float /*lo*/) : max_(max), scale_(scale) {}
+  Vec operator()(const Vec& x) const { return ((x - max_) * scale_).exp(); }
+
+ private:
+  Vec max_, scale_;
+};
+
+template <>
+class RowWeights<float> {
+ public:
+  using Vec = Vectorized<float>;
+  RowWeights(float max, float /*scale*/, float hi, float lo)
+      : max_(max), hi_(hi), lo_(lo), d_min_(kExp2Zero / hi), lo_bound_(0x1p-8f / hi) {}
+  Vec operator()(const Vec& x) const {
+    const Vec d_exact = x - max_;
+#if defined(TESLOSS_VEC_EXP2)
+    const Vec d = at::vec::clamp_min(d_exact, d_min_);
+    // Where d counts (>= d_min) |d_lo * hi| < 2^-16; elsewhere d_lo may be nan
+    // (a masked logit) or large (a spread near the largest float): bounded to
+    // 2^-8 / hi, it leaves such a weight 0.
+    const Vec d_lo = at::vec::clamp_max(Vec(max_or(diff_lo(x, max_, d_exact), -lo_bound_)),
+                                        lo_bound_);
+    const Vec n = nearest(d * hi_);
+    const Vec rest = at::vec::fmadd(d_lo, hi_, at::vec::fmsub(d, hi_, n));
+    return times_pow2(exp2_poly(at::vec::fmadd(d, lo_, rest)), n);
+#else
+    alignas(64) float lanes[Vec::size()];
+    alignas(64) float lanes_lo[Vec::size()];
+    d_exact.store(lanes);
+    diff_lo(x, max_, d_exact).store(lanes_lo);
+    for (int k = 0; k < Vec::size(); ++k) {
+      lanes[k] = split_exp<true>(lanes[k], lanes_lo[k], hi_[0], lo_[0]);
+    }
+    return Vec::loadu(lanes);
+#endif
+  }
+
+ private:
+  Vec max_, hi_, lo_, d_min_, lo_bound_;
+};
+
 // One row of the backward: reads z, t (and a probability target) once, writes
 // both gradients once. Whole vectors take every column; for a class index,
 // the label's column is written again at the end.
@@ -258,21 +311,14 @@ void backward_row(const scalar_t* vis, const scalar_t* txt, const acc_t* probs, 
     for (int64_t j = 0; j < C; ++j) column(j);
     return;
   }
-  const Vec max_vis(r.max_vis), max_txt(r.max_txt), g_vis(r.g_vis), g_ref(r.g_ref),
-      g_txt(r.g_txt), g_uni_vis(r.g_uni_vis), g_uni_txt(r.g_uni_txt), g_y_vis(r.g_y_vis),
-      g_y_txt(r.g_y_txt);
-  // Both weights of the differences to the max taken exactly, and to the last
-  // bits of their exponents (tes_loss.h's vis_weight, text_weight): each is a
-  // gradient element's own term, and the rounded difference or exponent errs
-  // by |d| 2^-24 relatively, ulps of the element where |d| is large.
-  const auto exp_vis = vis_weights<acc_t, true>();
-  const auto exp_txt = text_weights<acc_t, true>(r);
+  const Vec g_vis(r.g_vis), g_ref(r.g_ref), g_txt(r.g_txt), g_uni_vis(r.g_uni_vis),
+      g_uni_txt(r.g_uni_txt), g_y_vis(r.g_y_vis), g_y_txt(r.g_y_txt);
+  const RowWeights<acc_t> exp_vis(r.max_vis, acc_t(1), kLog2eHi, kLog2eLo);
+  const RowWeights<acc_t> exp_txt(r.max_txt, r.inv_tau, r.txt_exp_hi, r.txt_exp_lo);
   // Columns j.. of one vector: y is the target's weights (kHasProbs only).
   const auto grads = [&](const Vec& z, const Vec& t, const Vec& y, Vec& gv, Vec& gt) {
-    const Vec d_vis = z - max_vis;
-    const Vec d_txt = t - max_txt;
-    const Vec e_vis = exp_vis(d_vis, diff_lo(z, max_vis, d_vis));
-    const Vec e_txt = exp_txt(d_txt, diff_lo(t, max_txt, d_txt));
+    const Vec e_vis = exp_vis(z);
+    const Vec e_txt = exp_txt(t);
     gv = at::vec::fmsub(g_vis, e_vis, g_ref * e_txt);
     gt = g_txt * e_txt;
     if constexpr (kHasProbs<kTarget>) {

@@ -48,6 +48,8 @@ inline Floats nearest(Floats t) {
   return _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
 inline Floats times_pow2(Floats p, Floats n) { return _mm512_scalef_ps(p, n); }
+// max(a, b), and b where a is nan (vmaxps returns its second operand then).
+inline Floats max_or(Floats a, Floats b) { return _mm512_max_ps(a, b); }
 inline constexpr float kExp2Zero = -160.0f;  // 2^kExp2Zero * p(f) rounds to 0
 
 // 2^t of 16 floats: vreduceps gives f = t - round(t) exactly, and gives 0 for
@@ -76,6 +78,9 @@ inline Floats times_pow2(Floats p, Floats n) {
   const Floats scaled = _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(biased, 23)));
   return _mm256_mul_ps(scaled, _mm256_set1_ps(0x1p-64f));
 }
+
+// max(a, b), and b where a is nan (vmaxps returns its second operand then).
+inline Floats max_or(Floats a, Floats b) { return _mm256_max_ps(a, b); }
 
 // 2^t of 8 floats, t clamped to [kExp2Zero, 63] first (every t here is <= 0);
 // f = t - n is exact. A nan gives 2^63 (the clamp's min picks 63).
@@ -143,21 +148,19 @@ inline float pow2i(int n) {
 // subnormal where the result is one.
 inline float times_pow2(float p, int n) { return p * pow2i(n + 64) * 0x1p-64f; }
 
-// exp((d + d_lo) * scale) of vectors d <= 0, as row_exp.h's split_exp
-// computes it one at a time, from scale * log2(e) = hi + lo: exactly 1 at
-// d = 0, and as accurate far below the row's max as near it. Called with d
-// alone, d is taken as exact (the forward). kClamped first clamps d to where
-// the weight is exactly 0; without it, AVX-512 still gives 0 for any finite d
-// (vscalefps underflows), but d = -inf gives nan, which sends a block of the
-// forward to its careful sum, where the clamp is on. fp64 takes at::vec's exp
-// of d * scale.
+// The forward's weights exp(d * scale) of vectors d <= 0, as row_exp.h's
+// split_exp computes them one at a time (d taken as exact), from
+// scale * log2(e) = hi + lo: exactly 1 at d = 0, and as accurate far below the
+// row's max as near it. kClamped first clamps d to where the weight is exactly
+// 0; without it, AVX-512 still gives 0 for any finite d (vscalefps
+// underflows), but d = -inf gives nan, which sends a block of the forward to
+// its careful sum, where the clamp is on. fp64 takes at::vec's exp of d * scale.
 template <typename T, bool kClamped>
 class SplitExp {
  public:
   using Vec = at::vec::Vectorized<T>;
   SplitExp(T scale, T /*hi*/, T /*lo*/) : exp_(scale) {}
   Vec operator()(const Vec& d) const { return exp_(d); }
-  Vec operator()(const Vec& d, const Vec& /*d_lo*/) const { return exp_(d); }
 
  private:
   ScaledExp<T> exp_;
@@ -168,36 +171,23 @@ class SplitExp<float, kClamped> {
  public:
   using Vec = at::vec::Vectorized<float>;
   SplitExp(float /*scale*/, float hi, float lo) : hi_(hi), lo_(lo), d_min_(kExp2Zero / hi) {}
-  Vec operator()(const Vec& d) const { return exp<false>(d, Vec(0)); }
-  Vec operator()(const Vec& d, const Vec& d_lo) const { return exp<true>(d, d_lo); }
-
- private:
-  template <bool kWithLo>
-  Vec exp(const Vec& d_in, const Vec& d_lo_in) const {
+  Vec operator()(const Vec& d_in) const {
 #if defined(TESLOSS_VEC_EXP2)
 #if defined(CPU_CAPABILITY_AVX512)
     constexpr bool kClamp = kClamped;
 #else
-    constexpr bool kClamp = true;  // times_pow2 needs n >= -127
+    constexpr bool kClamp = true;  // times_pow2 needs n >= -191
 #endif
     const Vec d = kClamp ? at::vec::clamp_min(d_in, d_min_) : d_in;  // a nan stays nan
     const Vec n = nearest(d * hi_);
-    Vec rest = at::vec::fmsub(d, hi_, n);  // d hi - n
-    if constexpr (kWithLo) {
-      // Where d was clamped its d_lo (nan for d = -inf) no longer belongs to it.
-      const Vec d_lo = kClamp ? Vec::blendv(d_lo_in, Vec(0), d_in < d_min_) : d_lo_in;
-      rest = at::vec::fmadd(d_lo, hi_, rest);
-    }
-    return times_pow2(exp2_poly(at::vec::fmadd(d, lo_, rest)), n);
+    const Vec f = at::vec::fmadd(d, lo_, at::vec::fmsub(d, hi_, n));  // d (hi + lo) - n
+    return times_pow2(exp2_poly(f), n);
 #else
     // Builds without a vector exp2 of their own go lane by lane.
     alignas(64) float lanes[Vec::size()];
-    alignas(64) float lanes_lo[Vec::size()];
     d_in.store(lanes);
-    d_lo_in.store(lanes_lo);
     const float hi = hi_[0], lo = lo_[0];
-    for (int k = 0; k < Vec::size(); ++k) {
-      float& d = lanes[k];
+    for (float& d : lanes) {
       const float t = d * hi;
       if (t != t) continue;  // nan stays nan
       if (t < kExp2Zero) {
@@ -205,26 +195,20 @@ class SplitExp<float, kClamped> {
         continue;
       }
       const float n = std::nearbyint(t);
-      const float rest = std::fma(d, hi, -n);
-      const float f = std::fma(d, lo, kWithLo ? std::fma(lanes_lo[k], hi, rest) : rest);
-      d = times_pow2(tes_exp2(f), static_cast<int>(n));
+      d = times_pow2(tes_exp2(std::fma(d, lo, std::fma(d, hi, -n))), static_cast<int>(n));
     }
     return Vec::loadu(lanes);
 #endif
   }
 
+ private:
   at::vec::Vectorized<float> hi_, lo_, d_min_;
 };
 
-// The text weights exp((t - max t) / tau), from RowParams or GradRow, and the
-// vision weights exp(z - max z).
-template <typename T, bool kClamped, typename P>
-SplitExp<T, kClamped> text_weights(const P& p) {
-  return SplitExp<T, kClamped>(p.inv_tau, p.txt_exp_hi, p.txt_exp_lo);
-}
+// The forward's text weights exp((t - max t) / tau).
 template <typename T, bool kClamped>
-SplitExp<T, kClamped> vis_weights() {
-  return SplitExp<T, kClamped>(T(1), kLog2eHi, kLog2eLo);
+SplitExp<T, kClamped> text_weights(const RowParams<T>& p) {
+  return SplitExp<T, kClamped>(p.inv_tau, p.txt_exp_hi, p.txt_exp_lo);
 }
 
 }  // namespace tesloss
