@@ -237,26 +237,29 @@ void forward_row(const scalar_t* vis, const scalar_t* txt, const acc_t* probs, i
 }
 
 // The backward's weights exp((x - max) * scale) of one row's logits x <= max,
-// a vector at a time, as row_exp.h's vis_weight and text_weight take them:
-// the difference to the max exactly (diff_lo), the exponent to twice float's
-// precision (scale * log2(e) = hi + lo). Each is a gradient element's own
-// term, which a rounded difference or exponent gets wrong by
-// |x - max| scale 2^-24 relatively. A masked logit (-inf) gives 0: its
-// difference is clamped to where weights are 0.
-// fp64 takes at::vec's exp of (x - max) * scale.
-template <typename T>
+// a vector at a time. Where the gradients are fp32 (kExact), as row_exp.h's
+// vis_weight and text_weight take them: the difference to the max exactly
+// (diff_lo), the exponent to twice float's precision (scale * log2(e) =
+// hi + lo); each is a gradient element's own term, which a rounded difference
+// or exponent gets wrong by |x - max| scale 2^-24 relatively, up to 9e-6
+// where weights are not 0. Gradients of a half type round that away (an ulp
+// of fp16 is 4.9e-4 relatively), so they take the short exp (ScaledExp), at
+// little more than half the instructions. A masked logit (-inf) gives 0. fp64
+// takes at::vec's exp of (x - max) * scale.
+template <typename T, bool kExact>
 class RowWeights {
  public:
   using Vec = Vectorized<T>;
-  RowWeights(T max, T scale, float /*hi*/, float /*lo*/) : max_(max), scale_(scale) {}
-  Vec operator()(const Vec& x) const { return ((x - max_) * scale_).exp(); }
+  RowWeights(T max, T scale, float /*hi*/, float /*lo*/) : max_(max), exp_(scale) {}
+  Vec operator()(const Vec& x) const { return exp_(x - max_); }
 
  private:
-  Vec max_, scale_;
+  Vec max_;
+  ScaledExp<T> exp_;
 };
 
 template <>
-class RowWeights<float> {
+class RowWeights<float, true> {
  public:
   using Vec = Vectorized<float>;
   RowWeights(float max, float /*scale*/, float hi, float lo)
@@ -264,7 +267,7 @@ class RowWeights<float> {
   Vec operator()(const Vec& x) const {
     const Vec d_exact = x - max_;
 #if defined(TESLOSS_VEC_EXP2)
-    const Vec d = at::vec::clamp_min(d_exact, d_min_);
+    const Vec d = at::vec::clamp_min(d_exact, d_min_);  // a masked logit's weight is 0
     // Where d counts (>= d_min) |d_lo * hi| < 2^-16; elsewhere d_lo may be nan
     // (a masked logit) or large (a spread near the largest float): bounded to
     // 2^-8 / hi, it leaves such a weight 0.
@@ -313,8 +316,9 @@ void backward_row(const scalar_t* vis, const scalar_t* txt, const acc_t* probs, 
   }
   const Vec g_vis(r.g_vis), g_ref(r.g_ref), g_txt(r.g_txt), g_uni_vis(r.g_uni_vis),
       g_uni_txt(r.g_uni_txt), g_y_vis(r.g_y_vis), g_y_txt(r.g_y_txt);
-  const RowWeights<acc_t> exp_vis(r.max_vis, acc_t(1), kLog2eHi, kLog2eLo);
-  const RowWeights<acc_t> exp_txt(r.max_txt, r.inv_tau, r.txt_exp_hi, r.txt_exp_lo);
+  using Weights = RowWeights<acc_t, std::is_same_v<scalar_t, float>>;
+  const Weights exp_vis(r.max_vis, acc_t(1), kLog2eHi, kLog2eLo);
+  const Weights exp_txt(r.max_txt, r.inv_tau, r.txt_exp_hi, r.txt_exp_lo);
   // Columns j.. of one vector: y is the target's weights (kHasProbs only).
   const auto grads = [&](const Vec& z, const Vec& t, const Vec& y, Vec& gv, Vec& gt) {
     const Vec e_vis = exp_vis(z);
