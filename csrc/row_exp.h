@@ -86,15 +86,25 @@ TESLOSS_HD float vis_exp(float d, float d_lo) {
   return split_exp<true>(d, d_lo, kLog2eHi, kLog2eLo);
 }
 
-// The backward's weights exp(x - max) and exp((x - max) / tau), of x - max exactly.
-template <typename acc_t>
+// The backward's weights exp(z - max) and exp((t - max) / tau) for gradients
+// of scalar_t: of the difference to the max exactly where they are fp32 (or
+// fp64), the forward's forms for half types, whose rounding (an ulp of fp16 is
+// 4.9e-4 relatively) swamps those forms' error, at most 9e-6 relatively
+// where a weight is not 0 (cpu/row_sweeps.h's RowWeights is the CPU's vector
+// form).
+template <typename scalar_t>
+inline constexpr bool kExactWeights = sizeof(scalar_t) >= 4;
+
+template <typename scalar_t, typename acc_t>
 TESLOSS_HD acc_t vis_weight(acc_t z, acc_t max_vis) {
   const acc_t d = z - max_vis;
+  if constexpr (!kExactWeights<scalar_t>) return tes_exp(d);
   return vis_exp(d, diff_lo(z, max_vis, d));
 }
-template <typename acc_t, typename P>
+template <typename scalar_t, typename acc_t, typename P>
 TESLOSS_HD acc_t text_weight(acc_t t, acc_t max_txt, const P& p) {
   const acc_t d = t - max_txt;
+  if constexpr (!kExactWeights<scalar_t>) return text_exp(d, p);
   return text_exp(d, diff_lo(t, max_txt, d), p);
 }
 

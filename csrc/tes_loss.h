@@ -353,8 +353,8 @@ template <int kTarget, typename scalar_t, typename acc_t>
 TESLOSS_HD void grad_column(scalar_t vis_in, scalar_t txt_in, bool is_label,
                             const GradRow<acc_t>& r, scalar_t& grad_vis, scalar_t& grad_txt) {
   static_assert(!kHasProbs<kTarget>, "probability targets take grad_column_probs");
-  const acc_t e_vis = vis_weight(static_cast<acc_t>(vis_in), r.max_vis);
-  const acc_t e_txt = text_weight(static_cast<acc_t>(txt_in), r.max_txt, r);
+  const acc_t e_vis = vis_weight<scalar_t>(static_cast<acc_t>(vis_in), r.max_vis);
+  const acc_t e_txt = text_weight<scalar_t>(static_cast<acc_t>(txt_in), r.max_txt, r);
   const acc_t p_ref = e_txt * r.inv_sum_txt;
   acc_t label_vis = fused_mul_add(e_vis, r.inv_sum_vis, -r.vis_at) +
                     r.ref_weight * (r.ref_at - p_ref);
@@ -381,8 +381,8 @@ template <typename scalar_t, typename acc_t>
 TESLOSS_HD void grad_column_probs(scalar_t vis_in, scalar_t txt_in, acc_t y,
                                   const GradRow<acc_t>& r, scalar_t& grad_vis,
                                   scalar_t& grad_txt) {
-  const acc_t e_vis = vis_weight(static_cast<acc_t>(vis_in), r.max_vis);
-  const acc_t e_txt = text_weight(static_cast<acc_t>(txt_in), r.max_txt, r);
+  const acc_t e_vis = vis_weight<scalar_t>(static_cast<acc_t>(vis_in), r.max_vis);
+  const acc_t e_txt = text_weight<scalar_t>(static_cast<acc_t>(txt_in), r.max_txt, r);
   grad_vis = static_cast<scalar_t>(r.g_vis * e_vis - r.g_ref * e_txt -
                                    (r.g_y_vis * y + r.g_uni_vis));
   grad_txt = static_cast<scalar_t>(r.g_txt * e_txt - (r.g_y_txt * y + r.g_uni_txt));

@@ -237,15 +237,13 @@ void forward_row(const scalar_t* vis, const scalar_t* txt, const acc_t* probs, i
 }
 
 // The backward's weights exp((x - max) * scale) of one row's logits x <= max,
-// a vector at a time. Where the gradients are fp32 (kExact), as row_exp.h's
-// vis_weight and text_weight take them: the difference to the max exactly
+// a vector at a time, as row_exp.h's vis_weight and text_weight take them.
+// Where the gradients are fp32 (kExact): the difference to the max exactly
 // (diff_lo), the exponent to twice float's precision (scale * log2(e) =
 // hi + lo); each is a gradient element's own term, which a rounded difference
-// or exponent gets wrong by |x - max| scale 2^-24 relatively, up to 9e-6
-// where weights are not 0. Gradients of a half type round that away (an ulp
-// of fp16 is 4.9e-4 relatively), so they take the short exp (ScaledExp), at
-// little more than half the instructions. A masked logit (-inf) gives 0. fp64
-// takes at::vec's exp of (x - max) * scale.
+// or exponent gets wrong by |x - max| scale 2^-24 relatively. Half types take
+// the short exp (ScaledExp), at little more than half the instructions. A
+// masked logit (-inf) gives 0. fp64 takes at::vec's exp of (x - max) * scale.
 template <typename T, bool kExact>
 class RowWeights {
  public:
@@ -316,7 +314,7 @@ void backward_row(const scalar_t* vis, const scalar_t* txt, const acc_t* probs, 
   }
   const Vec g_vis(r.g_vis), g_ref(r.g_ref), g_txt(r.g_txt), g_uni_vis(r.g_uni_vis),
       g_uni_txt(r.g_uni_txt), g_y_vis(r.g_y_vis), g_y_txt(r.g_y_txt);
-  using Weights = RowWeights<acc_t, std::is_same_v<scalar_t, float>>;
+  using Weights = RowWeights<acc_t, kExactWeights<scalar_t>>;
   const Weights exp_vis(r.max_vis, acc_t(1), kLog2eHi, kLog2eLo);
   const Weights exp_txt(r.max_txt, r.inv_tau, r.txt_exp_hi, r.txt_exp_lo);
   // Columns j.. of one vector: y is the target's weights (kHasProbs only).
