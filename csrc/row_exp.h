@@ -23,6 +23,7 @@
 namespace tesloss {
 
 TESLOSS_HD double tes_exp(double x) { return ::exp(x); }
+TESLOSS_HD double tes_exp_unflushed(double x) { return ::exp(x); }
 TESLOSS_HD float tes_log(float x) { return ::logf(x); }
 TESLOSS_HD double tes_log(double x) { return ::log(x); }
 
@@ -91,14 +92,14 @@ TESLOSS_HD float vis_exp(float d, float d_lo) {
 // fp64), the forward's forms for half types, whose rounding (an ulp of fp16 is
 // 4.9e-4 relatively) swamps those forms' error, at most 9e-6 relatively
 // where a weight is not 0 (cpu/row_sweeps.h's RowWeights is the CPU's vector
-// form).
+// form). Either keeps a subnormal weight: bf16 holds what a factor makes of it.
 template <typename scalar_t>
 inline constexpr bool kExactWeights = sizeof(scalar_t) >= 4;
 
 template <typename scalar_t, typename acc_t>
 TESLOSS_HD acc_t vis_weight(acc_t z, acc_t max_vis) {
   const acc_t d = z - max_vis;
-  if constexpr (!kExactWeights<scalar_t>) return tes_exp(d);
+  if constexpr (!kExactWeights<scalar_t>) return tes_exp_unflushed(d);
   return vis_exp(d, diff_lo(z, max_vis, d));
 }
 template <typename scalar_t, typename acc_t, typename P>

@@ -586,20 +586,36 @@ def edge_case(dtype, num_classes, layout, batch=37, target="index"):
     return case
 
 
-def subnormal_weights_case(dtype=torch.float32):
-    """A random draw's failure (make fuzz, 2026-12-03): text logits 95 apart at
-    tau = 1 give p_ref of 3e-42, a subnormal float, which lambda_t / tau = 1e4 and
-    the upstream gradient bring back to 4e-38 in the text gradient; weights below
-    2^-126 flushed to 0 (the CUDA kernels' and AVX2's) lost it."""
-    vis = torch.tensor([[-2.3104, -0.3733, -1.2609, -0.7270, -0.0200, 0.2103],
-                        [0.1772, -0.8305, 0.2387, 0.7335, -0.7730, -1.5952],
-                        [-0.6870, 1.4881, -0.4484, -0.8910, 0.6749, 1.0469]])
-    txt = torch.tensor([[-1.8493, 41.7506, 7.2040, -1.9171, 29.6059, -13.2030],
-                        [-22.7816, -45.8561, 24.8688, -15.8244, 3.8225, -3.3635],
-                        [36.3486, -45.8941, 49.7260, 37.9664, 26.2997, -24.4100]])
-    return Case(vis.to(dtype), txt.to(dtype), torch.tensor([2, 0, 0]),
-                torch.tensor([0.5693, 0.1782, 1.3549], dtype=torch.float64),
-                dict(tau=1.0, lambda_v=0.1, lambda_t=1e4, ignore_index=-100, reduction="none",
+def subnormal_weights_case(dtype, which):
+    """Two random draws' failures (make fuzz, 2026-12-03), where a weight below
+    2^-126 flushed to 0 lost an element that its factor makes a normal float.
+    "text": text logits 95 apart at tau = 1 give p_ref = 3e-42, which
+    lambda_t / tau = 1e4 brings back to 4e-38 in the text gradient (fp32).
+    "vision": a vision logit 87.5 below its row's max gives p_v = 1e-38, which
+    an upstream gradient of -2.5 makes -2.5e-38 in the vision gradient (bf16)."""
+    if which == "text":
+        vis = [[-2.3104, -0.3733, -1.2609, -0.7270, -0.0200, 0.2103],
+               [0.1772, -0.8305, 0.2387, 0.7335, -0.7730, -1.5952],
+               [-0.6870, 1.4881, -0.4484, -0.8910, 0.6749, 1.0469]]
+        txt = [[-1.8493, 41.7506, 7.2040, -1.9171, 29.6059, -13.2030],
+               [-22.7816, -45.8561, 24.8688, -15.8244, 3.8225, -3.3635],
+               [36.3486, -45.8941, 49.7260, 37.9664, 26.2997, -24.4100]]
+        return Case(torch.tensor(vis).to(dtype), torch.tensor(txt).to(dtype),
+                    torch.tensor([2, 0, 0]),
+                    torch.tensor([0.5693, 0.1782, 1.3549], dtype=torch.float64),
+                    dict(tau=1.0, lambda_v=0.1, lambda_t=1e4, ignore_index=-100,
+                         reduction="none", label_smoothing=0.0))
+    vis = [[-26.25, 30.875, 104.5, -71.5, -222.0, 23.5, 159.0, 27.75, -167.0, 67.5, -138.0,
+            -24.75, -20.5, -43.0, 67.5, -137.0],
+           [46.0, 72.5, 141.0, 69.5, 92.5, 160.0, -63.0, 131.0, -50.0, 93.0, -228.0, 13.9375,
+            -61.0, 41.75, -133.0, 64.5]]
+    txt = [[0.5195, 0.7461, 0.4277, 0.6953, 0.2012, 0.2217, -0.4062, 0.8438, 0.2949, 0.9961,
+            -0.2383, 0.4453, 0.6367, 0.0298, -0.9531, 0.8750],
+           [0.9062, 0.4023, -0.6367, -0.1250, 0.3594, -0.8633, 0.9805, -0.5586, -0.1030,
+            0.5625, 0.8203, 0.3457, -0.4199, 0.4277, 0.6562, -0.4512]]
+    return Case(torch.tensor(vis).to(dtype), torch.tensor(txt).to(dtype), torch.tensor([8, 15]),
+                torch.tensor(-2.5, dtype=torch.float64),
+                dict(tau=1e-4, lambda_v=0.1, lambda_t=0.0, ignore_index=-100, reduction="sum",
                      label_smoothing=0.0))
 
 

@@ -156,8 +156,10 @@ def test_values_and_gradients_match_the_fp64_reference(schedules, dtype, tpr, da
 
 
 @pytest.mark.parametrize("tpr", THREADS_PER_ROW)
-def test_subnormal_weights_that_large_factors_make_normal(schedules, tpr):
-    check_against_reference(schedules, subnormal_weights_case(), tpr)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("which", ["text", "vision"])
+def test_subnormal_weights_that_large_factors_make_normal(schedules, which, dtype, tpr):
+    check_against_reference(schedules, subnormal_weights_case(dtype, which), tpr)
 
 
 @pytest.mark.parametrize("tpr", THREADS_PER_ROW)

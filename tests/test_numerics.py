@@ -155,8 +155,9 @@ def test_a_finite_loss_where_the_text_cross_entropy_alone_overflows(device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_subnormal_weights_that_large_factors_make_normal(device, dtype):
-    check_against_reference(subnormal_weights_case(dtype), dtype, device)
+@pytest.mark.parametrize("which", ["text", "vision"])
+def test_subnormal_weights_that_large_factors_make_normal(device, which, dtype):
+    check_against_reference(subnormal_weights_case(dtype, which), dtype, device)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])

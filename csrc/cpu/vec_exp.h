@@ -26,6 +26,9 @@
 namespace tesloss {
 
 inline float tes_exp(float x) { return ::expf(x); }
+// The same, for the backward's weights, which must keep results below 2^-126
+// (expf does).
+inline float tes_exp_unflushed(float x) { return ::expf(x); }
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 #define TESLOSS_VEC_EXP2 1

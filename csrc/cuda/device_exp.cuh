@@ -39,6 +39,16 @@ __host__ __device__ __forceinline__ float tes_exp2(float x) {
 #endif
 }
 
+// exp(x) as tes_exp takes it, but kept where it is below 2^-126: the
+// backward multiplies a weight by a factor that may bring it back among the
+// normal floats. 2^(x log2 e + 64) is normal down to x log2 e = -190, and the
+// product by 2^-64 rounds once into the subnormals (the kernels are compiled
+// without flushing them): one instruction more than tes_exp.
+__host__ __device__ __forceinline__ float tes_exp_unflushed(float x) {
+  const float t = fmaf(x, 1.44269504088896341f, 64.0f);  // log2 e, and 2^64
+  return tes_exp2(t) * 0x1p-64f;
+}
+
 // p * 2^n for p in [1/2, 2] and integral n in [-151, 0], rounded once: the
 // first product is exact, the second rounds, to a subnormal where the result
 // is one (the kernels are compiled without flushing them to zero).
