@@ -26,11 +26,13 @@ using at::vec::Vectorized;
 inline constexpr int64_t kBlock = 1024;
 
 // Vectors per run: each lane of block_state's sums adds at most this many
-// terms in a row, then the run's sum to the block's. One running sum per lane
-// over a whole block added 128 alike terms in a row (AVX2 fp32), whose
-// half-ulp losses add up instead of cancelling: a Mixup row's mass came out
-// 11 ulps off where torch's cascade sum is 2 (docs/DESIGN.md).
-inline constexpr int64_t kRunVectors = 32;
+// terms in a row, then the run's sum to the block's, in double. Alike terms,
+// added one after another, lose half-ulps that add up instead of cancelling,
+// up to about kRunVectors / 2 ulps of the sum: with 128 a Mixup row's mass came
+// out 11 ulps off where torch's cascade sum is 2, and with 32 (runs summed in
+// float) a Mixup row's <Y, max z - z> against masked classes 8 ulps off where
+// the recipe's was 0.8 (docs/DESIGN.md).
+inline constexpr int64_t kRunVectors = 8;
 
 // The forward's second sweep over a block of n columns: the sums of
 // exponentials and the gaps, given the block's maxima, in runs of kRunVectors
@@ -106,14 +108,15 @@ RowState<acc_t> block_state(const scalar_t* vis, const scalar_t* txt, const acc_
     if constexpr (!kHasProbs<kTarget>) return zero;
     return count < W ? load_acc_tail<acc_t>(probs + j, count) : Vec::loadu(probs + j);
   };
-  // The block's sums wait in memory: as registers they pushed the run's out
-  // (docs/DESIGN.md). The first kSums of the run's are those the kind keeps.
+  // The block's sums wait in memory, in double: as registers they pushed the
+  // run's out (docs/DESIGN.md), and in double a run's sum adds no rounding to
+  // the block's. The first kSums of the run's are those the kind keeps.
   Vec* const run[] = {&sum_vis, &sum_txt, &gap_vis, &gap_txt, &uni_vis, &uni_txt, &y_vis, &y_txt};
   constexpr int kSums = kHasProbs<kTarget> ? 8 : kHasUniform<kTarget> ? 6 : 4;
-  alignas(64) acc_t block[kSums][W] = {};
+  double block[kSums][W] = {};
   const auto end_run = [&] {
     for (int k = 0; k < kSums; ++k) {
-      (Vec::loadu(block[k]) + *run[k]).store(block[k]);
+      add_to_doubles(block[k], *run[k]);
       *run[k] = zero;
     }
   };
@@ -131,19 +134,24 @@ RowState<acc_t> block_state(const scalar_t* vis, const scalar_t* txt, const acc_
         n - n_full);
   }
   end_run();
-  for (int k = 0; k < kSums; ++k) *run[k] = Vec::loadu(block[k]);
-  const Vec lane_scale(static_cast<acc_t>(kCareful ? 1.0 : kGapScale));
+  // Each sum's lanes in double, rounded once; the gaps times kGapScale, exactly.
+  const auto total = [&](int k, double scale = 1.0) {
+    double sum = 0;
+    for (int64_t l = 0; l < W; ++l) sum += block[k][l];
+    return static_cast<acc_t>(sum * scale);
+  };
+  const double lane_scale = kCareful ? 1.0 : kGapScale;
   RowState<acc_t> out = row_state_empty<acc_t>();
   out.max_vis = max_vis;
-  out.sum_vis = lane_sum(sum_vis);
+  out.sum_vis = total(0);
   out.max_txt = max_txt;
-  out.sum_txt = lane_sum(sum_txt);
-  out.gap_vis = lane_sum(gap_vis * lane_scale);
-  out.gap_txt = lane_sum(gap_txt * lane_scale);
+  out.sum_txt = total(1);
+  out.gap_vis = total(2, lane_scale);
+  out.gap_txt = total(3, lane_scale);
   if constexpr (kHasUniform<kTarget>) {
     out.count = static_cast<acc_t>(n);
-    out.uni_vis = lane_sum(uni_vis * lane_scale);
-    out.uni_txt = lane_sum(uni_txt * lane_scale);
+    out.uni_vis = total(4, lane_scale);
+    out.uni_txt = total(5, lane_scale);
   }
   if constexpr (kHasProbs<kTarget>) {
     alignas(64) acc_t hi[W], lo[W];
@@ -152,8 +160,8 @@ RowState<acc_t> block_state(const scalar_t* vis, const scalar_t* txt, const acc_
     mass = 0;
     for (int64_t k = 0; k < W; ++k) mass += double(hi[k]) - double(lo[k]);
     out.mass = static_cast<acc_t>(mass);
-    out.y_vis = lane_sum(y_vis * lane_scale);
-    out.y_txt = lane_sum(y_txt * lane_scale);
+    out.y_vis = total(6, lane_scale);
+    out.y_txt = total(7, lane_scale);
   }
   return out;
 }

@@ -75,6 +75,33 @@ inline acc_t lane_max(const Vectorized<acc_t>& v) {
       v);
 }
 
+// sums[l] += v[l] for each lane l, in double: a float vector is widened
+// (exactly) a half at a time.
+template <typename acc_t>
+inline void add_to_doubles(double* sums, const Vectorized<acc_t>& v) {
+  if constexpr (std::is_same_v<acc_t, double>) {
+    (Vectorized<double>::loadu(sums) + v).store(sums);
+  } else {
+#if defined(CPU_CAPABILITY_AVX512)
+    const __m512 x = v;
+    const __m256 high = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1));
+    _mm512_storeu_pd(sums, _mm512_add_pd(_mm512_loadu_pd(sums),
+                                         _mm512_cvtps_pd(_mm512_castps512_ps256(x))));
+    _mm512_storeu_pd(sums + 8, _mm512_add_pd(_mm512_loadu_pd(sums + 8), _mm512_cvtps_pd(high)));
+#elif defined(CPU_CAPABILITY_AVX2)
+    const __m256 x = v;
+    _mm256_storeu_pd(sums, _mm256_add_pd(_mm256_loadu_pd(sums),
+                                         _mm256_cvtps_pd(_mm256_castps256_ps128(x))));
+    _mm256_storeu_pd(sums + 4, _mm256_add_pd(_mm256_loadu_pd(sums + 4),
+                                             _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1))));
+#else
+    alignas(64) acc_t lanes[Vectorized<acc_t>::size()];
+    v.store(lanes);
+    for (int l = 0; l < Vectorized<acc_t>::size(); ++l) sums[l] += lanes[l];
+#endif
+  }
+}
+
 // tes_loss.h's weighted(), lane by lane.
 template <typename T>
 inline Vectorized<T> weighted(const Vectorized<T>& e, const Vectorized<T>& x) {
