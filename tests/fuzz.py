@@ -6,9 +6,10 @@
 random draw finds would reach users first. This runs rounds of `pytest -m hypothesis`
 under the "fuzz" profile, each round with fresh random draws and no example database,
 until the budget is spent (the last round is let finish) or a round fails, and says
-how many examples ran. A failing example is printed whole, shrunk, with its
-reproduction blob: turn it into a fixed test case (test_numerics.py and its peers) and
-fix the kernel; nothing is kept in a local database for the next run to replay.
+how many examples ran. A failing example is printed shrunk, with its reproduction blob;
+a drawn case prints as its entry of FOUND_BY_FUZZ in tests/fixed_cases.py, which every
+device then runs as a fixed case. Add it, and fix the kernel; nothing is kept in a local
+database for the next run to replay.
 """
 import argparse
 import os

@@ -11,8 +11,9 @@ import textwrap
 
 import pytest
 import torch
+from cases import draw_case, on_device
 from conftest import (ALL_DTYPES, HALF_DTYPES, SPOT_CHECK, TOLERANCES, Tolerance, assert_close,
-                      draw_case, on_device, raw_forward, run, scales)
+                      raw_forward, run, scales)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

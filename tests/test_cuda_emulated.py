@@ -25,9 +25,10 @@ import shutil
 
 import pytest
 import torch
-from conftest import (ALL_DTYPES, EDGE_TARGETS, FP64_RULE, ROW_LAYOUTS, Tolerance, assert_close,
-                      assert_matches_reference, draw_case, edge_case, max_error, raw_params, run,
-                      run_reference64, rule_bounds, scales)
+from cases import EDGE_TARGETS, ROW_LAYOUTS, build_case, draw_case, edge_case
+from conftest import (ALL_DTYPES, FP64_RULE, Tolerance, assert_close, assert_matches_reference,
+                      max_error, raw_params, run, run_reference64, rule_bounds, scales)
+from fixed_cases import FOUND_BY_FUZZ, PARAMETER_EDGES, parameter_edge_case
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -184,6 +185,20 @@ def check(emulator, case, dtype, device="H200", order="round robin"):
 @given(data=st.data())
 def test_values_and_gradients_match_the_reference_and_the_cpu_op(emulator, dtype, device, data):
     check(emulator, draw_case(data, dtype, max_b=16, max_c=20000), dtype, device)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("target", ["index", "probs"])
+@pytest.mark.parametrize("edge", PARAMETER_EDGES)
+def test_parameters_at_their_edges(emulator, edge, target, dtype):
+    check(emulator, parameter_edge_case(edge, dtype, target), dtype)
+
+
+@pytest.mark.parametrize("device", ["H200", "1 SM, 512 threads"])
+@pytest.mark.parametrize("found", FOUND_BY_FUZZ)
+def test_what_random_draws_found(emulator, found, device):
+    dtype, drawn = FOUND_BY_FUZZ[found]
+    check(emulator, build_case(dtype, **drawn), dtype, device)
 
 
 @pytest.mark.parametrize("target", EDGE_TARGETS)

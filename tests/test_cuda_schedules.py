@@ -24,9 +24,10 @@ import subprocess
 
 import pytest
 import torch
-from conftest import (ALL_DTYPES, EDGE_CLASSES, EDGE_TARGETS, ROW_LAYOUTS, TOLERANCES,
-                      assert_close, assert_matches_reference, draw_case, edge_case, raw_params,
-                      run, run_reference64, scales, subnormal_weights_case)
+from cases import EDGE_CLASSES, EDGE_TARGETS, ROW_LAYOUTS, draw_case, edge_case
+from conftest import (ALL_DTYPES, TOLERANCES, assert_close, assert_matches_reference, raw_params,
+                      run, run_reference64, scales)
+from fixed_cases import subnormal_weights_case
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

@@ -12,9 +12,9 @@ import math
 
 import pytest
 import torch
-from conftest import (ALL_DTYPES, EDGE_CLASSES, EDGE_TARGETS, HALF_DTYPES, ROW_LAYOUTS,
-                      TOLERANCES, Case, assert_close, check_against_reference, draw_case,
-                      edge_case, raw_forward, scales)
+from cases import EDGE_CLASSES, EDGE_TARGETS, ROW_LAYOUTS, Case, draw_case, edge_case
+from conftest import (ALL_DTYPES, HALF_DTYPES, TOLERANCES, assert_close, check_against_reference,
+                      raw_forward, scales)
 from hypothesis import given
 from hypothesis import strategies as st
 

@@ -8,23 +8,14 @@ import math
 
 import pytest
 import torch
-from conftest import (ALL_DTYPES, FLOOR_ULPS, RULE_FACTOR, Case, check_against_reference,
-                      draw_probs, on_device, subnormal_weights_case)
+from cases import Case, build_case, draw_probs, on_device
+from conftest import ALL_DTYPES, FLOOR_ULPS, RULE_FACTOR, check_against_reference
+from fixed_cases import (FOUND_BY_FUZZ, PARAMETER_EDGES, parameter_edge_case, problem,
+                         subnormal_weights_case)
 
 import tesloss
 from tesloss.reference import tes_loss as reference_tes_loss
 
-RECIPE = dict(tau=0.03, lambda_v=0.1, lambda_t=0.3, ignore_index=-100)
-
-
-def problem(batch, num_classes, seed=0, vis_scale=3.0, reduction="mean", **kwargs):
-    gen = torch.Generator().manual_seed(seed)
-    vis = torch.randn(batch, num_classes, generator=gen, dtype=torch.float64) * vis_scale
-    txt = torch.rand(batch, num_classes, generator=gen, dtype=torch.float64) * 2 - 1
-    target = torch.randint(0, num_classes, (batch,), generator=gen)
-    grad_out = (torch.randn(batch, generator=gen, dtype=torch.float64) if reduction == "none"
-                else torch.tensor(1.0, dtype=torch.float64))
-    return Case(vis, txt, target, grad_out, {**RECIPE, "reduction": reduction, **kwargs})
 
 
 def confident(case, vis_margin=20.0, txt_margin=0.5, every=1):
@@ -47,55 +38,11 @@ def offset(case, vis_offset=0.0, txt_offset=0.0, seed=1):
                 case.grad_out, case.kwargs)
 
 
-def label_far_below(case, vis_gap=20.0, txt_gap=0.5):
-    """Each row's label `vis_gap` below its least vision logit and `txt_gap` below
-    its least text logit: the terms that 1 - lambda_v, 1 - eps and lambda_t weigh
-    then dominate the row."""
-    vis, txt = case.vis_logits.clone(), case.txt_logits.clone()
-    rows = torch.arange(len(vis))
-    vis[rows, case.target] = vis.amin(1) - vis_gap
-    txt[rows, case.target] = txt.amin(1) - txt_gap
-    return Case(vis, txt, case.target, case.grad_out, case.kwargs)
-
-
-def as_probabilities(case, dtype, seed=15):
-    """The case with each class index made a probability row: 0.9 on the label,
-    the rest spread at random, rounded to `dtype`."""
-    gen = torch.Generator().manual_seed(seed)
-    spread = torch.rand(case.shape, generator=gen, dtype=torch.float64).softmax(1)
-    onehot = torch.nn.functional.one_hot(case.target, case.shape[1]).double()
-    probs = (0.9 * onehot + 0.1 * spread).to(dtype).double()
-    return Case(case.vis_logits, case.txt_logits, probs, case.grad_out, case.kwargs)
-
-
-# The parameters at their edges, where a constant derived from them loses its
-# digits if it is formed in the accumulation type: 1 - lambda_v and 1 - eps near
-# 0, eps / C, lambda_t / tau. lambda_v = 0.99999 at tau = 1e-4 was a newcomer's
-# first `make test`: 1 - lambda_v came out 1.0014e-5 in fp32, and the loss erred
-# 1.4e-4 where the recipe errs 7e-8.
-PARAMETER_EDGES = {
-    "lambda_v 1 - 1e-5, tau 1e-4": dict(lambda_v=1 - 1e-5, tau=1e-4, lambda_t=0.0),
-    "lambda_v 1 - 1e-7": dict(lambda_v=1 - 1e-7),
-    "lambda_v 1": dict(lambda_v=1.0),
-    "lambda_v 0, lambda_t 0": dict(lambda_v=0.0, lambda_t=0.0),
-    "eps 1 - 1e-6, tau 100": dict(label_smoothing=1 - 1e-6, tau=100.0, lambda_t=1.0),
-    "eps 1 - 1e-3, lambda_v 1 - 1e-3": dict(label_smoothing=1 - 1e-3, lambda_v=1 - 1e-3),
-    "eps 1": dict(label_smoothing=1.0),
-    "eps 1e-7": dict(label_smoothing=1e-7),
-    "lambda_t 1e-7": dict(lambda_t=1e-7),
-    "lambda_t 1e4, tau 1e-4": dict(lambda_t=1e4, tau=1e-4),
-    "lambda_t 1e4, tau 100": dict(lambda_t=1e4, tau=100.0),
-}
-
-
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
 @pytest.mark.parametrize("target", ["index", "probs"])
 @pytest.mark.parametrize("edge", PARAMETER_EDGES)
 def test_parameters_at_their_edges(device, dtype, target, edge):
-    case = label_far_below(problem(64, 300, seed=14, reduction="sum", **PARAMETER_EDGES[edge]))
-    if target == "probs":
-        case = as_probabilities(case, dtype)
-    check_against_reference(case, dtype, device)
+    check_against_reference(parameter_edge_case(edge, dtype, target), dtype, device)
 
 
 def test_a_newcomers_first_failure(device):
@@ -294,6 +241,12 @@ def test_mixup_rows_against_masked_classes(device, dtype, num_classes):
     probs = draw_probs("mixup", case.target, num_classes, gen, dtype)
     check_against_reference(Case(vis, case.txt_logits, probs, case.grad_out, case.kwargs),
                             dtype, device)
+
+
+@pytest.mark.parametrize("found", FOUND_BY_FUZZ)
+def test_what_random_draws_found(device, found):
+    dtype, drawn = FOUND_BY_FUZZ[found]
+    check_against_reference(build_case(dtype, **drawn), dtype, device)
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
