@@ -58,14 +58,8 @@ inline Vectorized<acc_t> first_lanes(const Vectorized<acc_t>& v, const Vectorize
   return Vec::blendv(fill, v, lane < Vec(static_cast<acc_t>(count)));
 }
 
-// Horizontal sum and max of one vector, by halving shuffles (at::vec).
-template <typename acc_t>
-inline acc_t lane_sum(const Vectorized<acc_t>& v) {
-  return at::vec::vec_reduce_all<acc_t>(
-      [](const Vectorized<acc_t>& a, const Vectorized<acc_t>& b) { return a + b; }, v);
-}
-
-// Not nan-aware: the forward finds nan logits another way (block_row_state).
+// Horizontal max of one vector, by halving shuffles (at::vec). Not nan-aware:
+// the forward finds nan logits another way (block_row_state).
 template <typename acc_t>
 inline acc_t lane_max(const Vectorized<acc_t>& v) {
   return at::vec::vec_reduce_all<acc_t>(
