@@ -17,7 +17,6 @@ import tesloss
 from tesloss.reference import tes_loss as reference_tes_loss
 
 
-
 def confident(case, vis_margin=20.0, txt_margin=0.5, every=1):
     """Every `every`-th row made confident: its label's vision logit `vis_margin`
     above the rest, its text logit `txt_margin` above (txt_margin / tau in s)."""
