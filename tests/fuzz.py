@@ -7,7 +7,7 @@ random draw finds would reach users first. This runs rounds of `pytest -m hypoth
 under the "fuzz" profile, each round with fresh random draws and no example database,
 until the budget is spent (the last round is let finish) or a round fails, and says
 how many examples ran. A failing example is printed shrunk, with its reproduction blob;
-a drawn case prints as its entry of FOUND_BY_FUZZ in tests/fixed_cases.py, which every
+a drawn case prints as its entry of FOUND_BY_FUZZ in tesloss/testing/regimes.py, which every
 device then runs as a fixed case. Add it, and fix the kernel; nothing is kept in a local
 database for the next run to replay.
 """

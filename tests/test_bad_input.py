@@ -4,12 +4,14 @@ import math
 import pytest
 import torch
 from conftest import raw_backward, raw_forward
+from emulated_cuda import runs_cuda_kernels
 
 import tesloss
 
 
-def good(b=4, c=10):
-    return torch.randn(b, c), torch.randn(b, c), torch.tensor([0, 3, 9, -100])[:b]
+def good(b=4, c=10, device="cpu"):
+    return (torch.randn(b, c, device=device), torch.randn(b, c, device=device),
+            torch.tensor([0, 3, 9, -100], device=device)[:b])
 
 
 def call(vis=None, txt=None, target=None, **kwargs):
@@ -18,18 +20,49 @@ def call(vis=None, txt=None, target=None, **kwargs):
                                   y if target is None else target, **kwargs)
 
 
+def in_this_process(device):
+    """A device-side assert leaves a GPU's CUDA context unusable: there, test_cuda.py
+    runs a bad label in a child process. The emulated CUDA kernels raise it here."""
+    if device == "cuda":
+        pytest.skip("a device-side assert ends the CUDA context; test_cuda.py's "
+                    "test_out_of_range_labels_trigger_a_device_side_assert runs it in a child")
+
+
 @pytest.mark.parametrize("label, words", [(10, "target[1] = 10"), (11, "target[1] = 11"),
                                           (-1, "target[1] = -1"), (-101, "target[1] = -101")])
-def test_labels_out_of_range(label, words):
-    target = torch.tensor([0, label, 2, 3])
+def test_labels_out_of_range(device, label, words):
+    in_this_process(device)
+    vis, txt, _ = good(device=device)
+    target = torch.tensor([0, label, 2, 3], device=device)
+    if runs_cuda_kernels(device):  # the kernels check each label as they read it
+        with pytest.raises(RuntimeError, match=r"device-side assert triggered: `ignored \|\| valid`"):
+            tesloss.fused_tes_loss(vis, txt, target)
+        return
     with pytest.raises(IndexError, match=r"fused_tes_loss: .*") as info:
-        call(target=target)
+        tesloss.fused_tes_loss(vis, txt, target)
     assert words in str(info.value)
     assert "[0, 10)" in str(info.value) and "ignore_index (-100)" in str(info.value)
 
 
-def test_a_label_equal_to_a_custom_ignore_index_is_fine():
-    call(target=torch.tensor([0, -1, 2, 3]), ignore_index=-1)
+@pytest.mark.parametrize("label", [10, -1])
+def test_the_backward_checks_the_labels_it_is_given(device, label):
+    in_this_process(device)
+    vis, txt, target = good(device=device)
+    loss, row_stats, batch_stats = raw_forward(vis, txt, target)
+    bad = target.clone()
+    bad[1] = label
+    error = (RuntimeError, r"device-side assert triggered: .*is_valid_label")
+    if not runs_cuda_kernels(device):
+        error = (IndexError, rf"target\[1\] = {label} is out of range")
+    with pytest.raises(error[0], match=error[1]):
+        raw_backward(torch.ones_like(loss), vis, txt, bad, row_stats, batch_stats)
+
+
+def test_a_label_equal_to_a_custom_ignore_index_is_fine(device):
+    vis, txt, _ = good(device=device)
+    target = torch.tensor([0, -1, 2, 3], device=device)
+    loss = tesloss.fused_tes_loss(vis, txt, target, ignore_index=-1, reduction="none")
+    assert loss[1] == 0 and loss[[0, 2, 3]].gt(0).all()
 
 
 FORMS = ("int64 class indices of shape [B]=[4] or floating-point class probabilities of "
@@ -145,8 +178,8 @@ RAW_BAD_VALUES += [("reduction", 3), ("reduction", -1)]
 
 
 @pytest.mark.parametrize("name, value", RAW_BAD_VALUES)
-def test_the_raw_ops_refuse_the_parameters_fused_tes_loss_refuses(name, value):
-    vis, txt, target = good()
+def test_the_raw_ops_refuse_the_parameters_fused_tes_loss_refuses(device, name, value):
+    vis, txt, target = good(device=device)
     with pytest.raises(RuntimeError, match=rf"tes_loss_forward: {name} must be .*, got "):
         raw_forward(vis, txt, target, **{name: value})
     loss, row_stats, batch_stats = raw_forward(vis, txt, target)
@@ -190,14 +223,14 @@ def test_mixed_dtypes_are_promoted_not_misread():
     assert vis32.grad.dtype == torch.float32 and txt16.grad.dtype == torch.bfloat16
 
 
-def test_the_raw_op_checks_its_tensors_too():
-    vis, txt, target = good()
+def test_the_raw_op_checks_its_tensors_too(device):
+    vis, txt, target = good(device=device)
     with pytest.raises(RuntimeError, match="txt_logits must have the dtype of vis_logits"):
         raw_forward(vis, txt.double(), target)
     with pytest.raises(RuntimeError, match="target must be int64 class indices of shape "
                                            r"\[B\]=\[4\] or floating class probabilities"):
         raw_forward(vis, txt, target.int())
     with pytest.raises(RuntimeError, match=r"got Float of shape \[4, 9\]"):
-        raw_forward(vis, txt, torch.rand(4, 9))
+        raw_forward(vis, txt, torch.rand(4, 9, device=device))
     with pytest.raises(RuntimeError, match="target must not require grad"):
-        raw_forward(vis, txt, torch.rand(4, 10, requires_grad=True))
+        raw_forward(vis, txt, torch.rand(4, 10, device=device, requires_grad=True))

@@ -11,15 +11,15 @@ import textwrap
 
 import pytest
 import torch
-from cases import draw_case, on_device
-from conftest import (ALL_DTYPES, HALF_DTYPES, SPOT_CHECK, TOLERANCES, Tolerance, assert_close,
-                      raw_forward, run, scales)
+from cases import draw_case
+from conftest import SPOT_CHECK, TOLERANCES, raw_forward
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tesloss
 from tesloss import _ops
 from tesloss.reference import tes_loss as reference_tes_loss
+from tesloss.testing import ALL_DTYPES, HALF_DTYPES, Tolerance, assert_close, on_device, run, scales
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]

@@ -24,19 +24,24 @@ import subprocess
 
 import pytest
 import torch
-from cases import EDGE_CLASSES, EDGE_TARGETS, ROW_LAYOUTS, draw_case, edge_case
-from conftest import (ALL_DTYPES, TOLERANCES, assert_close, assert_matches_reference, raw_params,
-                      run, run_reference64, scales)
-from fixed_cases import subnormal_weights_case
+from cases import draw_case
+from conftest import TOLERANCES, raw_params
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tesloss
 from tesloss import _ops
 from tesloss.reference import tes_loss as reference_tes_loss
+from tesloss.testing import (ALL_DTYPES, EDGE_CLASSES, EDGE_TARGETS, ROW_LAYOUTS, assert_close,
+                             assert_matches_reference, edge_case, run, run_reference64, scales,
+                             subnormal_weights_case)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 THREADS_PER_ROW = (8, 32, 128, 512)  # the kernels' launch shapes
+# The most classes a launch gives each schedule (launch_shapes.h's threads_per_row):
+# a thread sums its columns in order, so a schedule drawn with more columns per
+# thread than any launch gives it would be held to sums no launch makes.
+MOST_CLASSES = {8: 128, 32: 1024, 128: 8192, 512: 9000}
 DTYPE_CODES = {torch.float64: 0, torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
 # Elements around each gradient where no write may land; 16 of any dtype keep
 # the gradient's first row 16-byte aligned, as at::empty leaves it on the GPU.
@@ -152,14 +157,18 @@ def check_against_reference(schedules, case, tpr, count_writes=False):
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
 @settings(max_examples=25)
 @given(data=st.data())
-def test_values_and_gradients_match_the_fp64_reference(schedules, dtype, tpr, data):
-    check_against_reference(schedules, draw_case(data, dtype, max_b=16), tpr)
+def test_every_schedule_matches_the_fp64_reference(schedules, dtype, tpr, data):
+    """test_fused_loss's property for each thread schedule, at the class counts a
+    launch gives it."""
+    check_against_reference(schedules, draw_case(data, dtype, max_b=16, max_c=MOST_CLASSES[tpr]),
+                            tpr)
 
 
 @pytest.mark.parametrize("tpr", THREADS_PER_ROW)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("which", ["text", "vision"])
-def test_subnormal_weights_that_large_factors_make_normal(schedules, which, dtype, tpr):
+def test_every_schedule_makes_subnormal_weights_normal_by_large_factors(schedules, which, dtype,
+                                                                       tpr):
     check_against_reference(schedules, subnormal_weights_case(dtype, which), tpr)
 
 
@@ -186,7 +195,8 @@ def test_each_gradient_element_is_written_once(schedules, dtype, tpr, num_classe
 @pytest.mark.parametrize("tpr", THREADS_PER_ROW)
 @pytest.mark.parametrize("where", ["vis", "txt"])
 @pytest.mark.parametrize("column", [1, 500, 1000])  # the head, the packs, the scalar rest
-def test_nan_in_the_logits_reaches_the_loss_and_the_gradients(schedules, tpr, where, column):
+def test_every_schedule_carries_nan_to_the_loss_and_the_gradients(schedules, tpr, where,
+                                                                   column):
     # fp32 rows one element past a 16-byte boundary: 3 head columns, 249 packs, 2 more.
     clean = edge_case(torch.float32, 1001, "offset 1", batch=4)
     case = edge_case(torch.float32, 1001, "offset 1", batch=4)

@@ -20,10 +20,10 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import errors
 
 import tesloss
 from tesloss.reference import tes_loss as reference_tes_loss
+from tesloss.testing import errors
 
 ELEMENTS = None if os.environ.get("TESLOSS_FULL_PEER_GRIDS") else 2**22
 

@@ -30,22 +30,23 @@ def loss_and_grads(loss_fn, vis, txt, target, **kwargs):
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("eps", [0.0, 0.1, 1.0])
-@pytest.mark.parametrize("form", ["index", "probs", "unnormalized"])
-def test_without_the_text_terms_it_is_cross_entropy(device, form, eps, reduction):
+@pytest.mark.parametrize("form, ignore_index", [("index", -100), ("index", 3), ("probs", -100),
+                                                 ("unnormalized", -100)])
+def test_without_the_text_terms_it_is_cross_entropy(device, form, ignore_index, eps, reduction):
     vis, txt, labels, probs = problem()
     if form == "index":
         target = labels.clone()
-        target[::4] = -100
+        target[::4] = ignore_index
     else:
         target = probs * (torch.rand(len(probs), 1, dtype=probs.dtype) * 2 if
                           form == "unnormalized" else 1)
     vis, txt, target = vis.to(device), txt.to(device), target.to(device)
     loss, grad_vis, grad_txt = loss_and_grads(
         tesloss.fused_tes_loss, vis, txt, target, lambda_v=0.0, lambda_t=0.0,
-        label_smoothing=eps, reduction=reduction)
+        ignore_index=ignore_index, label_smoothing=eps, reduction=reduction)
     expected, expected_grad, _ = loss_and_grads(
         lambda z, t, y, **kw: F.cross_entropy(z, y, **kw), vis, txt, target,
-        label_smoothing=eps, reduction=reduction)
+        ignore_index=ignore_index, label_smoothing=eps, reduction=reduction)
     torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(grad_vis, expected_grad, rtol=1e-12, atol=1e-12)
     assert torch.equal(grad_txt, torch.zeros_like(grad_txt))

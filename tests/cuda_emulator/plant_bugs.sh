@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Plants each bug below in a copy of csrc/ and runs the emulated CUDA tests on
-# it: every one must make some of them fail (docs/DESIGN.md has the last
-# counts). Run from the repository root; it takes about a minute per bug.
+# it: test_cuda_emulated.py's, then the properties every device runs (on the
+# emulated device), stopping at the first failure. Every bug must make one fail
+# (docs/DESIGN.md has the last counts). Run from the repository root; a caught
+# bug takes about a minute, a missed one the whole emulated run.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
@@ -22,8 +24,9 @@ for bug in "${bugs[@]}"; do
     status=1
     continue
   fi
-  summary=$(TESLOSS_EMULATOR_CSRC="$copy/csrc" CI=1 "$PY" -m pytest -q -p no:cacheprovider \
-    -m cuda_emulated tests/test_cuda_emulated.py 2>&1 | tail -1)
+  summary=$(TESLOSS_EMULATOR_CSRC="$copy/csrc" CI=1 "$PY" -m pytest -q -x -p no:cacheprovider \
+    -m cuda_emulated tests/test_cuda_emulated.py tests/test_fused_loss.py tests/test_targets.py \
+    tests/test_numerics.py tests/test_identities.py 2>&1 | tail -1)
   case "$summary" in
     *failed*) echo "caught ($what): $summary" ;;
     *) echo "MISSED ($what): $summary"; status=1 ;;

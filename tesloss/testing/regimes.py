@@ -1,9 +1,15 @@
-"""The fixed cases every device runs by name: the parameters at their edges,
-the draws random exploration failed on, and the subnormal weights it found;
-with problem, the fixed random problem test_numerics builds its regimes from.
+"""The hard regimes, by name: the parameters at their edges, the draws random
+exploration failed on, and the subnormal weights it found; with problem, the
+fixed random problem the suite builds its regimes from (confident rows, labels
+far below the rest, large batches).
 """
+import inspect
+
 import torch
-from cases import Case
+
+from ..functional import fused_tes_loss
+from .cases import Case
+
 
 def subnormal_weights_case(dtype, which):
     """Two random draws' failures (make fuzz, 2026-12-03), where a weight below
@@ -38,8 +44,9 @@ def subnormal_weights_case(dtype, which):
                      label_smoothing=0.0))
 
 
-# The published recipe's parameters, problem's defaults.
-RECIPE = dict(tau=0.03, lambda_v=0.1, lambda_t=0.3, ignore_index=-100)
+# fused_tes_loss's parameters with their defaults: the published recipe.
+RECIPE = {name: p.default for name, p in inspect.signature(fused_tes_loss).parameters.items()
+          if p.kind == p.KEYWORD_ONLY and name != "return_parts"}
 
 
 def problem(batch, num_classes, seed=0, vis_scale=3.0, reduction="mean", **kwargs):
@@ -63,6 +70,26 @@ def label_far_below(case, vis_gap=20.0, txt_gap=0.5):
     vis[rows, case.target] = vis.amin(1) - vis_gap
     txt[rows, case.target] = txt.amin(1) - txt_gap
     return Case(vis, txt, case.target, case.grad_out, case.kwargs)
+
+
+def confident(case, vis_margin=20.0, txt_margin=0.5, every=1):
+    """Every `every`-th row made confident: its label's vision logit `vis_margin`
+    above the rest, its text logit `txt_margin` above (txt_margin / tau in s)."""
+    vis, txt = case.vis_logits.clone(), case.txt_logits.clone()
+    rows = torch.arange(0, len(vis), every)
+    labels = case.target[rows]
+    vis[rows, labels] = vis[rows].amax(1) + vis_margin
+    txt[rows, labels] = txt[rows].amax(1) + txt_margin
+    return Case(vis, txt, case.target, case.grad_out, case.kwargs)
+
+
+def offset(case, vis_offset=0.0, txt_offset=0.0, seed=1):
+    """Per-row constants added to the logits, in [0, offset): softmax ignores them."""
+    gen = torch.Generator().manual_seed(seed)
+    shift = [torch.rand(len(case.vis_logits), 1, generator=gen, dtype=torch.float64) * size
+             for size in (vis_offset, txt_offset)]
+    return Case(case.vis_logits + shift[0], case.txt_logits + shift[1], case.target,
+                case.grad_out, case.kwargs)
 
 
 def as_probabilities(case, dtype, seed=15):
@@ -103,8 +130,8 @@ def parameter_edge_case(edge, dtype, target):
 
 
 # Draws that random exploration (make fuzz) failed on, as tes_cases drew them:
-# (dtype, the draws), for cases.build_case. Every device runs them (test_numerics,
-# test_cuda_emulated).
+# (dtype, the draws), for cases.build_case. Every device runs them (the suite's
+# test_numerics, and python -m tesloss.check).
 FOUND_BY_FUZZ = {
     # Mixup rows with 0.9 of their mass on classes masked to -1e4, where the
     # recipe happens to err 0.8 ulp: <Y, max z - z> is thousands of alike terms,
