@@ -40,7 +40,11 @@ CPU_CAPABILITY_FLAGS = {
     "default": ["-DCPU_CAPABILITY=DEFAULT"],
 }
 NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-DWITH_CUDA"]
-LDFLAGS = ["-fopenmp"]
+# libstdc++ named outright: a compiler that links it statically by default (the
+# H200 machine's /opt/gcc/bin/g++ does) gives the library its own copy, and the
+# errors it throws then crash torch (segfaults with torch 2.11, lose their
+# message's text with 2.14) instead of reaching Python. Named, it links shared.
+LDFLAGS = ["-fopenmp", "-lstdc++"]
 
 
 class BuildError(RuntimeError):
