@@ -5,6 +5,9 @@
 #   env        GPU, driver, torch, nvcc, compute-sanitizer
 #   wheels     .whl/*.whl (e.g. liger-kernel), if carried, into /tmp/site
 #   build      pip install --no-build-isolation --no-deps -e .  (TORCH_CUDA_ARCH_LIST=9.0)
+#   check      python -m tesloss.check --device cuda: the correctness sweep under the
+#              accuracy rule, a graph replay, a second stream, the device-side assert,
+#              and a short benchmark; its report is check.txt and check.json
 #   cuda_tests pytest -m cuda: every property on the GPU, and the GPU-only tests
 #              (tests/test_cuda.py), with Hypothesis's short "gpu" profile
 #   bench      bench/bench_loss.py --device cuda --modes full on the cells the GPU is
@@ -21,7 +24,8 @@
 #
 #   bench/gpu_check.sh [RESULTS_DIR]    default: $OUT if set, else bench/results/gpu-<date>
 #
-# Results: summary.txt, test_cuda.xml, test_cuda.log, bench_cuda.csv and logs.tar.gz
+# Results: summary.txt, check.json, check.txt, test_cuda.xml, test_cuda.log, bench_cuda.csv
+# and logs.tar.gz
 # (every step's log). Where RESULTS_DIR is $OUT, the device tool's return folder,
 # the loose logs are removed once packed, as only a few files come back from it.
 # Exit status: 0 if every step passed, 1 otherwise.
@@ -99,6 +103,11 @@ step build 240 env TORCH_CUDA_ARCH_LIST=9.0 FORCE_CUDA=1 MAX_JOBS="$(nproc)" bas
 info = tesloss.backend_info()
 print(json.dumps(info))
 assert info[\"cuda_compiled\"], \"tesloss was built without its CUDA kernels\""' "$PY"
+
+# The user's check first: what a GPU user runs, and what the rest then explains.
+# The CPU's own check is the cpu_tests step's business.
+step check 150 "$PY" -m tesloss.check --device cuda --json "$RESULTS/check.json"
+cp "$LOGS/check.log" "$RESULTS/check.txt" 2>/dev/null || true
 
 timeout_plugin=()
 "$PY" -c "import pytest_timeout" 2>/dev/null && timeout_plugin=(--timeout 150)
@@ -183,7 +192,7 @@ if [[ -z "${BENCH_ARGS:-}" ]]; then
 fi
 
 step cpu_tests 400 env TESLOSS_REQUIRE_EXTENSION=1 CI=1 "$PY" -m pytest -q -rfE \
-  -p no:cacheprovider "${timeout_plugin[@]}" -m "not cuda" tests
+  -p no:cacheprovider "${timeout_plugin[@]}" -m "not cuda and not cuda_emulated" tests
 
 {
   echo "tesloss GPU check, $(date -u +%Y-%m-%dT%H:%M:%SZ), ${SECONDS}s of ${BUDGET}s"
@@ -191,6 +200,7 @@ step cpu_tests 400 env TESLOSS_REQUIRE_EXTENSION=1 CI=1 "$PY" -m pytest -q -rfE 
   printf '%s\n' "${SUMMARY[@]}"
   echo
   echo "backend: $(grep -h '"extension_loaded"' "$LOGS/build.log" 2>/dev/null | tail -n 1)"
+  [[ -f "$LOGS/check.log" ]] && echo "check: $(grep -m 1 '^tesloss check: ' "$LOGS/check.log")"
   for name in cuda_tests cpu_tests; do
     [[ -f "$LOGS/$name.log" ]] &&
       echo "$name: $(grep -E '(passed|failed|error|skipped)' "$LOGS/$name.log" | tail -n 1)"
