@@ -17,7 +17,11 @@ $(VENV)/.deps: requirements-dev.txt
 	touch $@
 
 $(VENV)/.installed: $(VENV)/.deps setup.py pyproject.toml tesloss/_build.py $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.h csrc/cpu/*.cpp csrc/cuda/*.cuh csrc/cuda/*.h csrc/cuda/*.cu)
-	MAX_JOBS=2 $(PY) -m pip install --no-build-isolation --no-deps -e .
+	# editable_mode=compat puts the clone on sys.path (a .pth file): the package found
+	# there wins over a folder named tesloss in the working directory (the clone itself,
+	# seen from its parent), which setuptools' default finder loses to as an empty
+	# namespace package.
+	MAX_JOBS=2 $(PY) -m pip install --no-build-isolation --no-deps -e . --config-settings editable_mode=compat
 	$(PY) -c "import tesloss, json; print(json.dumps(tesloss.backend_info()))"
 	touch $@
 

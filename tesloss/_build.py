@@ -206,17 +206,19 @@ def _import_library(name, folder):
 
 
 class _Progress:
-    """One line on stderr while a build runs, ending with how long it took: counting
-    seconds in place on a terminal, else a start line and an end line (logs)."""
+    """One line on stderr while something slow runs, ending with how long it took:
+    counted in place on a terminal; in a log, a start line (if `start_line`) and an
+    end line that says `done`."""
 
-    def __init__(self, what):
-        self.what, self.start, self.done = what, time.monotonic(), threading.Event()
+    def __init__(self, what, done, start_line=True):
+        self.what, self.finished, self.start_line = what, done, start_line
+        self.start, self.done = time.monotonic(), threading.Event()
         self.tty = sys.stderr.isatty()
 
     def __enter__(self):
         if self.tty:
             threading.Thread(target=self._tick, daemon=True).start()
-        else:
+        elif self.start_line:
             print(f"tesloss: {self.what}...", file=sys.stderr, flush=True)
         return self
 
@@ -227,10 +229,10 @@ class _Progress:
 
     def __exit__(self, kind, error, trace):
         self.done.set()
-        seconds = time.monotonic() - self.start
-        outcome = "failed" if kind else "done"
-        print(f"{chr(13) if self.tty else ''}tesloss: {self.what}: {outcome} in {seconds:.0f} s",
-              file=sys.stderr, flush=True)
+        seconds = f"{time.monotonic() - self.start:.0f} s"
+        line = (f"{self.what}: failed after {seconds}" if kind else
+                f"{self.what}: done in {seconds}" if self.tty else f"{self.finished} in {seconds}")
+        print(f"{chr(13) if self.tty else ''}tesloss: {line}", file=sys.stderr, flush=True)
 
 
 def _with_ninja_on_path():
@@ -244,22 +246,72 @@ def _with_ninja_on_path():
     raise BuildError("ninja was not found: pip install ninja")
 
 
-def _compile(root, capability, cuda, archs, verbose):
-    name = jit_name(root, capability, cuda, archs)
-    folder = os.path.join(extensions_root(), name)
-    if os.path.exists(os.path.join(folder, READY)) and not verbose:
-        try:
-            return _import_library(name, folder), folder
-        except (ImportError, OSError):
-            os.remove(os.path.join(folder, READY))  # its library is gone or broken: build again
-    from torch.utils.cpp_extension import CUDA_HOME, load
+def _cached(name, folder):
+    """The library cached in `folder`, or None. A broken one's files are removed so
+    that the build links it again; OSError if they cannot be."""
+    from . import _cache
 
+    library = os.path.join(folder, f"{name}.so")
+    try:
+        with open(os.path.join(folder, READY)) as file:
+            built = json.load(file).get("library_bytes")
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as error:
+        built = f"READY unreadable: {error}"
+    try:
+        # Checked before it is loaded: a library cut short past its headers maps, and
+        # then kills the process with SIGBUS where the missing pages are touched.
+        size = os.path.getsize(library)
+        if built is not None and size != built:
+            raise ImportError(f"{library} has {size} bytes, not the {built} it was built with")
+        return _import_library(name, folder)
+    except (ImportError, OSError) as error:  # cut short, say, or gone
+        _cache.remove_broken(folder, (READY, f"{name}.so"), error)
+    return None
+
+
+def _compile(root, capability, cuda, archs, verbose):
+    """(library, folder, notes): the library for these kernels, from the cache or
+    compiled into it. Every filesystem problem is a BuildError that says what to do."""
+    from . import _cache  # here: setup.py loads this file alone, and never compiles on first use
+
+    name = jit_name(root, capability, cuda, archs)
+    configured = os.path.join(extensions_root(), name)
+    notes = []
+    try:
+        library = None if verbose else _cached(name, configured)
+    except OSError as error:  # broken, and in a folder that cannot be written
+        library, notes = None, [str(error)]
+    if library is not None:
+        return library, configured, notes
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
         raise BuildError(f"no C++ compiler: {compiler!r} is not on the PATH (install g++, or "
                          "set CXX)")
     _with_ninja_on_path()
-    os.makedirs(folder, exist_ok=True)
+    try:
+        folder, note = _cache.build_folder(extensions_root(), name)
+        notes += [note] if note else []
+        waiting = _Progress(f"waiting for another process's build of its kernels in {folder}",
+                            f"another process built its kernels in {folder}; waited",
+                            start_line=False)
+        with _cache.exclusive(folder, lambda: waiting) as waited:
+            library = None if verbose and not waited else _cached(name, folder)
+            if library is None:
+                library = _build_into(folder, name, root, capability, cuda, archs, verbose)
+                with open(os.path.join(folder, READY), "w") as file:
+                    json.dump({**build_record(), "library_bytes": os.path.getsize(
+                        os.path.join(folder, f"{name}.so"))}, file)
+    except OSError as error:
+        raise BuildError(f"{'; '.join(notes + [str(error)])}; set TORCH_EXTENSIONS_DIR to a "
+                         "writable folder") from error
+    return library, folder, notes
+
+
+def _build_into(folder, name, root, capability, cuda, archs, verbose):
+    from torch.utils.cpp_extension import CUDA_HOME, load
+
     include = [root] + (wheel_cuda_include_dirs(CUDA_HOME) if cuda else [])
     kernels = f"CPU {capability}" + (f" and CUDA {archs}" if cuda else "")
     saved_archs = os.environ.get("TORCH_CUDA_ARCH_LIST")
@@ -267,11 +319,11 @@ def _compile(root, capability, cuda, archs, verbose):
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs
     try:
         with _Progress(f"compiling its {kernels} kernels for torch {build_record()['torch']} "
-                       f"on first use, into {folder}"):
-            library = load(name, compiled_sources(root, cuda), extra_cflags=cxx_flags(capability, cuda),
-                           extra_cuda_cflags=NVCC_FLAGS if cuda else None, extra_ldflags=LDFLAGS,
-                           extra_include_paths=include, build_directory=folder, verbose=verbose,
-                           with_cuda=cuda)
+                       f"on first use, into {folder}", f"built its {kernels} kernels"):
+            return load(name, compiled_sources(root, cuda), extra_cflags=cxx_flags(capability, cuda),
+                        extra_cuda_cflags=NVCC_FLAGS if cuda else None, extra_ldflags=LDFLAGS,
+                        extra_include_paths=include, build_directory=folder, verbose=verbose,
+                        with_cuda=cuda)
     except (RuntimeError, OSError, ImportError) as error:
         lines = [line for line in str(error).splitlines() if line.strip()]
         shown = [line for line in lines if "error" in line.lower()][:5] or lines[-5:]
@@ -281,9 +333,6 @@ def _compile(root, capability, cuda, archs, verbose):
             os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
         else:
             os.environ["TORCH_CUDA_ARCH_LIST"] = saved_archs
-    with open(os.path.join(folder, READY), "w") as file:
-        json.dump(build_record(), file)
-    return library, folder
 
 
 def jit_load(verbose=False):
@@ -301,9 +350,11 @@ def jit_load(verbose=False):
     notes = [note] if note else []
     if cuda:
         try:
-            return (*_compile(root, capability, True, cuda_archs(), verbose), notes)
+            library, folder, cache_notes = _compile(root, capability, True, cuda_archs(), verbose)
+            return library, folder, notes + cache_notes
         except BuildError as error:
             if flag("FORCE_CUDA"):
                 raise
             notes.append(f"CUDA kernels skipped: their build failed: {error}")
-    return (*_compile(root, capability, False, "", verbose), notes)
+    library, folder, cache_notes = _compile(root, capability, False, "", verbose)
+    return library, folder, notes + cache_notes

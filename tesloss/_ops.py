@@ -56,7 +56,7 @@ def _load():
         return None, "reference", None, [why], f"{why}; TESLOSS_NO_JIT is set, so none was built"
     try:
         library, folder, notes = _build.jit_load()
-    except _build.BuildError as error:
+    except (_build.BuildError, OSError) as error:  # never an import that fails for the cache
         return None, "reference", None, [why], f"{why}; and building one failed: {error}"
     return library, "jit", folder, [why, *notes], None
 
@@ -117,8 +117,10 @@ def backend_info() -> dict:
     fused_tes_loss runs the pure-PyTorch reference); ``library``: the loaded library's
     path, or a just-in-time build's folder; ``notes``: why the prebuilt library was
     not used and what the build left out (CUDA kernels skipped, and why);
-    ``load_error``: why no library is in use, or None; ``devices``: device types with
-    compiled kernels; ``cpu_capability``: the vector ISA of the CPU kernels;
+    ``load_error``: why no library is in use, or None; ``kernels_for``: the device
+    types it has compiled kernels for ("cuda" once the CUDA kernels are compiled, GPU
+    or not); ``visible_gpus``: how many CUDA devices torch sees (counted without
+    initialising CUDA); ``cpu_capability``: the vector ISA of the CPU kernels;
     ``cuda_compiled``.
     """
     devices = sorted(KERNEL_DEVICES)
@@ -128,7 +130,8 @@ def backend_info() -> dict:
         "library": BUILD_PATH,
         "notes": list(BUILD_NOTES),
         "load_error": LOAD_ERROR,
-        "devices": devices,
+        "kernels_for": devices,
+        "visible_gpus": torch.cuda.device_count(),
         "cpu_capability": CPU_CAPABILITY,
         "cuda_compiled": "cuda" in devices,
     }

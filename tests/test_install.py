@@ -5,6 +5,7 @@ The install paths themselves (an sdist with and without build isolation into a v
 only torch, a first-use build, a prebuilt library recorded for another torch) take minutes
 and run in .ci/install_check."""
 import inspect
+import json
 import os
 import re
 import shutil
@@ -108,33 +109,53 @@ def test_every_file_the_sources_include_is_installed_with_them():
     assert on_disk == files
 
 
-def _import_in_a_copy_without_the_library(tmp_path, sources=False, **env):
-    """Runs `import tesloss` from a copy of the package that has no tesloss._C, and the
-    kernels' sources only if asked, and returns what it printed (backend_info, then a
-    call's error)."""
-    package = tmp_path / "tesloss"
+def _copy_of_the_package(base, sources=False):
+    """A copy of the package under `base` that has no tesloss._C, and the kernels'
+    sources only if asked."""
+    package = base / "tesloss"
     package.mkdir()
     for name in os.listdir(os.path.join(ROOT, "tesloss")):
         if name.endswith(".py"):
             shutil.copy(os.path.join(ROOT, "tesloss", name), package)
     if sources:
         shutil.copytree(CSRC, package / _build.INSTALLED_SOURCES)
-    # An editable install's finder would hand the copy the source tree's tesloss._C.
-    script = ("import sys\n"
-              "sys.meta_path[:] = [f for f in sys.meta_path\n"
-              "                    if not getattr(f, '__module__', '').startswith('__editable__')]\n"
-              "import json, torch, tesloss\n"
-              "assert tesloss.__file__.startswith(sys.argv[1]), tesloss.__file__\n"
-              "print(json.dumps(tesloss.backend_info()))\n"
-              "try:\n"
-              "    tesloss.fused_tes_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2).long())\n"
-              "    print('ran')\n"
-              "except RuntimeError as error:\n"
-              "    print(error)\n")
+
+
+# Imports the copy of the package in argv[1] (an editable install's finder would hand
+# it the source tree's tesloss._C), prints backend_info, then a call's error or "ran".
+_IMPORT_THE_COPY = """import sys
+sys.meta_path[:] = [f for f in sys.meta_path
+                    if not getattr(f, '__module__', '').startswith('__editable__')]
+import json, torch, tesloss
+assert tesloss.__file__.startswith(sys.argv[1]), tesloss.__file__
+print(json.dumps(tesloss.backend_info()))
+try:
+    tesloss.fused_tes_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2).long())
+    print('ran')
+except RuntimeError as error:
+    print(error)
+"""
+
+
+def _run_the_copy(base, unprivileged=False, background=False, **env):
+    """Runs _IMPORT_THE_COPY on the copy under `base`: as root without the capabilities
+    that ignore file modes, if `unprivileged` (so a read-only folder is read-only)."""
+    command = [sys.executable, "-c", _IMPORT_THE_COPY, str(base)]
+    if unprivileged and os.geteuid() == 0:
+        command = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--", *command]
     environment = {**os.environ, "TESLOSS_REQUIRE_EXTENSION": "1",
-                   "TORCH_EXTENSIONS_DIR": str(tmp_path / "extensions"), **env}
-    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=tmp_path, env=environment,
-                          capture_output=True, text=True, timeout=120)
+                   "TORCH_EXTENSIONS_DIR": str(base / "extensions"), **env}
+    if background:
+        return subprocess.Popen(command, cwd=base, env=environment, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.run(command, cwd=base, env=environment, capture_output=True, text=True,
+                          timeout=600)
+
+
+def _import_in_a_copy_without_the_library(tmp_path, sources=False, **env):
+    """What _IMPORT_THE_COPY printed from a fresh copy of the package."""
+    _copy_of_the_package(tmp_path, sources)
+    done = _run_the_copy(tmp_path, **env)
     assert done.returncode == 0, done.stderr
     return done.stdout
 
@@ -159,6 +180,16 @@ def test_no_jit_means_no_build_on_first_use(tmp_path):
     assert '"build": "reference"' in info and "TESLOSS_NO_JIT is set" in info
 
 
+def test_a_clone_named_tesloss_does_not_hide_the_package_from_its_parent_folder(tmp_path):
+    """The README clones into a folder named tesloss: Python run from the folder above
+    it must import the package, not that folder as an empty namespace package."""
+    (tmp_path / "tesloss").symlink_to(ROOT, target_is_directory=True)
+    done = subprocess.run([sys.executable, "-c", "import tesloss; print(tesloss.__file__)"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == tesloss.__file__
+
+
 def test_python_m_tesloss_build_reports_the_library_in_use():
     done = subprocess.run([sys.executable, "-m", "tesloss.build"], capture_output=True,
                           text=True, timeout=120)
@@ -176,3 +207,95 @@ def test_the_public_functions_are_typed_and_the_package_says_so():
                      text.load_text_head, text.encoder_from_spec):
         parameters = set(inspect.signature(function).parameters) - {"self"}
         assert set(function.__annotations__) == parameters | {"return"}, function.__qualname__
+
+
+# The first-use build's cache: import never fails because of it. One copy of the
+# package serves these tests, with a temporary directory of its own (TMPDIR), so the
+# build that the unwritable cache sends there is compiled once.
+@pytest.fixture(scope="module")
+def cache_copy(tmp_path_factory):
+    base = tmp_path_factory.mktemp("cache")
+    _copy_of_the_package(base, sources=True)
+    (base / "tmp").mkdir(mode=0o700)
+    unwritable = base / "unwritable"
+    unwritable.mkdir(mode=0o555)
+    env = {"TESLOSS_NO_CUDA": "1", "TMPDIR": str(base / "tmp")}
+    first = _run_the_copy(base, unprivileged=True, TORCH_EXTENSIONS_DIR=str(unwritable), **env)
+    return base, env, first
+
+
+def _outcome(done):
+    assert done.returncode == 0, done.stderr
+    info, result = done.stdout.splitlines()[:2]
+    return json.loads(info), result
+
+
+def test_an_unwritable_cache_builds_in_a_folder_of_the_users_own(cache_copy):
+    base, _, first = cache_copy
+    info, result = _outcome(first)
+    assert info["build"] == "jit" and result == "ran"
+    assert info["library"].startswith(str(base / "tmp" / "tesloss_extensions_"))
+    note = " ".join(info["notes"])
+    assert f"the extensions cache {base / 'unwritable'} cannot be written (Permission denied" in note
+    assert "set TORCH_EXTENSIONS_DIR to a writable folder" in note
+    assert first.stderr.count("compiling") == 1
+
+
+def test_a_cache_below_a_file_does_too(cache_copy):
+    base, env, first = cache_copy
+    (base / "a_file").write_text("")
+    done = _run_the_copy(base, TORCH_EXTENSIONS_DIR=str(base / "a_file" / "cache"), **env)
+    info, result = _outcome(done)
+    assert result == "ran" and info["library"] == json.loads(first.stdout.splitlines()[0])["library"]
+    assert "cannot be written (Not a directory" in " ".join(info["notes"])
+    assert "compiling" not in done.stderr  # the build of the first test, loaded
+
+
+def _cache_with_a_truncated_library(base, first, name):
+    folder = json.loads(first.stdout.splitlines()[0])["library"]  # a first-use build's folder
+    cache = base / name
+    shutil.copytree(folder, cache / os.path.basename(folder))
+    library = cache / os.path.basename(folder) / f"{os.path.basename(folder)}.so"
+    library.write_bytes(library.read_bytes()[:4096])
+    return cache, library
+
+
+def test_a_read_only_cache_holding_a_broken_library_says_to_delete_it(cache_copy):
+    base, env, first = cache_copy
+    cache, library = _cache_with_a_truncated_library(base, first, "read_only")
+    folders = [cache, library.parent]
+    for folder in folders:
+        folder.chmod(0o555)
+    try:
+        done = _run_the_copy(base, unprivileged=True, TORCH_EXTENSIONS_DIR=str(cache), **env)
+    finally:
+        for folder in folders:
+            folder.chmod(0o755)
+    info, result = _outcome(done)
+    assert result == "ran" and info["library"].startswith(str(base / "tmp"))
+    note = " ".join(info["notes"])
+    assert f"the cached library in {library.parent} is broken" in note
+    assert f"delete {library.parent}" in note
+
+
+def test_a_truncated_library_is_built_again(cache_copy):
+    base, env, first = cache_copy
+    cache, library = _cache_with_a_truncated_library(base, first, "writable")
+    done = _run_the_copy(base, TORCH_EXTENSIONS_DIR=str(cache), **env)
+    info, result = _outcome(done)
+    assert result == "ran" and info["library"] == str(library.parent)
+    assert done.stderr.count("compiling") == 1
+    again = _run_the_copy(base, TORCH_EXTENSIONS_DIR=str(cache), **env)
+    assert _outcome(again)[1] == "ran" and "compiling" not in again.stderr
+
+
+def test_processes_starting_at_once_share_one_build(cache_copy):
+    base, env, _ = cache_copy
+    ranks = [_run_the_copy(base, background=True, TORCH_EXTENSIONS_DIR=str(base / "shared"),
+                           **env) for _ in range(4)]
+    outputs = [rank.communicate(timeout=600) for rank in ranks]
+    assert all(rank.returncode == 0 for rank in ranks), [err for _, err in outputs]
+    assert all(out.splitlines()[1] == "ran" for out, _ in outputs)
+    logs = "".join(err for _, err in outputs)
+    assert logs.count("compiling") == 1, logs
+    assert logs.count("another process built its kernels") == 3, logs
