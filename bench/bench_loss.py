@@ -213,7 +213,7 @@ class Unavailable(Exception):
 
 def tesloss_provider(device):
     info = tesloss.backend_info()
-    if device not in info["devices"]:
+    if device not in info["kernels_for"]:
         # Timing the fallback under the fused op's name would be a false number.
         raise Unavailable(f"the compiled extension has no {device} kernels (backend_info: {info})")
     return tesloss.fused_tes_loss

@@ -34,7 +34,8 @@ TARGETS = [(False, 0.0), (False, 0.1), (True, 0.1)]
 def test_backend_info_reports_the_cpu_kernels():
     info = tesloss.backend_info()
     assert info["extension_loaded"] and info["load_error"] is None
-    assert "cpu" in info["devices"]
+    assert "cpu" in info["kernels_for"]
+    assert info["visible_gpus"] == torch.cuda.device_count()
     assert info["cpu_capability"] in ("default", "avx2", "avx512")
 
 

@@ -13,7 +13,7 @@ def _environment(env):
     lines = [
         f"tesloss {env['tesloss']}: {backend['build']} library"
         + (f" at {backend['library']}" if backend["library"] else "")
-        + f"; kernels for {', '.join(backend['devices']) or 'no device'}"
+        + f"; kernels for {', '.join(backend['kernels_for']) or 'no device'}"
         + (f"; CPU kernels {backend['cpu_capability']}" if backend["cpu_capability"] else ""),
         f"torch {env['torch']} (CUDA {env['torch_cuda'] or 'none'}), Python {env['python']}, "
         f"{env['platform']}",
