@@ -57,6 +57,9 @@ def parse_args(argv=None):
     parser.add_argument("--text-cache", default=os.path.join(os.path.expanduser("~"), ".cache",
                                                              "tesloss", "text_heads"),
                         help="folder of cached text heads")
+    parser.add_argument("--text-head", metavar="FILE",
+                        help="a head made by python -m tesloss.text, for the dataset's class "
+                             "names in label order (instead of --encoder and --text-cache)")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--max-steps", type=int, default=0,
                         help="stop each epoch after this many steps (0: the whole epoch)")
@@ -78,7 +81,8 @@ def parse_args(argv=None):
     parser.add_argument("--amp", choices=["none", "bf16"], default="none",
                         help="autocast the model to bfloat16; the loss still accumulates in fp32")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
-    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                        help="data loading processes (default: 4, or fewer CPUs)")
     parser.add_argument("--log-every", type=int, default=10, help="steps between bar updates")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
@@ -132,7 +136,20 @@ class TeSNet(nn.Module):
 
 
 def text_head_for(args, classnames, templates, run):
-    """Loads the cached head for these classes, building it on rank 0 first if it is missing."""
+    """The --text-head file, checked against the dataset's class names; else the cached
+    head for these classes, built on rank 0 first if it is missing."""
+    if args.text_head:
+        try:
+            head, metadata = tesloss.load_text_head(args.text_head, classnames=classnames,
+                                                    return_metadata=True)
+        except (OSError, ValueError) as error:
+            raise SystemExit(f"--text-head: {error}")
+        if args.template and metadata["templates"] != templates:
+            raise SystemExit(f"--text-head: {args.text_head} was built with templates "
+                             f"{metadata['templates']}, not --template {templates}")
+        run.print(f"text head: {list(head.shape)} from {args.text_head} "
+                  f"({metadata.get('encoder')})")
+        return head
     key = json.dumps([args.encoder, templates, classnames], ensure_ascii=False)
     slug = re.sub(r"[^A-Za-z0-9.-]+", "_", args.encoder)[:80]
     path = os.path.join(args.text_cache,

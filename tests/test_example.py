@@ -116,3 +116,37 @@ def test_smooths_class_indices_in_the_loss_without_mixup(first_run, image_folder
                                                        "--smoothing", "0.1")])
     assert "smoothing 0.1 (in the loss)" in stdout
     assert len(epoch_lines(stdout)) == 1
+
+
+def test_trains_with_a_head_from_python_m_tesloss_text(image_folder, tmp_path):
+    (tmp_path / "classes.txt").write_text("\n".join(CLASSNAMES) + "\n")
+    head = tmp_path / "head.safetensors"
+    run([sys.executable, "-m", "tesloss.text", "--classnames", str(tmp_path / "classes.txt"),
+         "--encoder", "sentence_transformers", "--out", str(head), "--no-progress"])
+    empty_cache = tmp_path / "unused_cache"
+    stdout = run([sys.executable, SCRIPT, *tiny_args(image_folder, empty_cache, "--epochs", "1",
+                                                       "--text-head", str(head))])
+    assert f"text head: [3, 384] from {head}" in stdout
+    assert len(epoch_lines(stdout)) == 1
+    assert not empty_cache.exists()  # nothing built, nothing cached
+
+
+def test_a_head_for_other_class_names_is_refused(image_folder, tmp_path):
+    (tmp_path / "classes.txt").write_text("cat\ndog\ntruck\n")
+    head = tmp_path / "head.safetensors"
+    run([sys.executable, "-m", "tesloss.text", "--classnames", str(tmp_path / "classes.txt"),
+         "--encoder", "sentence_transformers", "--out", str(head), "--no-progress"])
+    done = subprocess.run([sys.executable, SCRIPT, *tiny_args(image_folder, tmp_path / "cache",
+                                                              "--text-head", str(head))],
+                          cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode != 0
+    assert "--text-head: " in done.stderr and "pickup_truck" in done.stderr
+
+
+def test_loads_no_more_workers_than_cpus():
+    spec = importlib.util.spec_from_file_location("finetune", SCRIPT)
+    finetune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(finetune)
+    args = finetune.parse_args(["--data", "unused"])
+    assert args.workers == min(4, os.cpu_count())
