@@ -11,8 +11,8 @@ checks an install (``python -m tesloss.check``), as torch.testing is for torch:
 """
 from .cases import (EDGE_CLASSES, EDGE_TARGETS, REDUCTIONS, ROW_LAYOUTS, TARGET_FORMS, Case,
                     build_case, edge_case, on_device, placed, shifted)
-from .regimes import (FOUND_BY_FUZZ, PARAMETER_EDGES, RECIPE, as_probabilities, confident,
-                      label_far_below, offset, parameter_edge_case, problem,
+from .regimes import (FOUND_BY_FUZZ, OPEN_FINDINGS, PARAMETER_EDGES, RECIPE, as_probabilities,
+                      confident, label_far_below, offset, parameter_edge_case, problem,
                       subnormal_weights_case)
 from .rule import (ALL_DTYPES, FLOOR_ULPS, FP64_RULE, HALF_DTYPES, RULE_FACTOR, Tolerance,
                    assert_close, assert_elements_match, assert_matches_reference,
@@ -21,8 +21,8 @@ from .rule import (ALL_DTYPES, FLOOR_ULPS, FP64_RULE, HALF_DTYPES, RULE_FACTOR, 
 
 __all__ = [
     "ALL_DTYPES", "Case", "EDGE_CLASSES", "EDGE_TARGETS", "FLOOR_ULPS", "FOUND_BY_FUZZ",
-    "FP64_RULE", "HALF_DTYPES", "PARAMETER_EDGES", "RECIPE", "REDUCTIONS", "ROW_LAYOUTS",
-    "RULE_FACTOR", "TARGET_FORMS", "Tolerance", "as_probabilities", "assert_close",
+    "FP64_RULE", "HALF_DTYPES", "OPEN_FINDINGS", "PARAMETER_EDGES", "RECIPE", "REDUCTIONS",
+    "ROW_LAYOUTS", "RULE_FACTOR", "TARGET_FORMS", "Tolerance", "as_probabilities", "assert_close",
     "assert_elements_match", "assert_matches_reference", "build_case",
     "check_against_reference", "confident", "edge_case", "errors", "floor_units", "gradient_sizes",
     "label_far_below", "max_abs", "max_error", "offset", "on_device", "parameter_edge_case", "placed",

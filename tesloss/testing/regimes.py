@@ -142,3 +142,18 @@ FOUND_BY_FUZZ = {
         ignore_fraction=0.0, layout="contiguous", grad_scale=None, tau=1e-4, lambda_v=0.1,
         lambda_t=0.0, ignore_index=-100, reduction="none", label_smoothing=0.0)),
 }
+
+# What random draws found that is not fixed yet: the suite holds each to the rule as
+# an expected failure (strict, so that a fix shows), and the check leaves them out.
+OPEN_FINDINGS = {
+    # tau 1e-4 and lambda_t 1e4: text weights near 2e-43, subnormal in fp32, whose
+    # gradient elements (8e7 times them) are normal again. The CPU and the emulated
+    # CUDA kernels both take the weight subnormal first: 2.9e-3 relative error on
+    # one element, where the recipe errs 1e-3 (2026-12-04).
+    "subnormal text weights times lambda_t / tau": (torch.float32, dict(
+        batch=3, form="index", num_classes=1011, seed=1_073_741_825, vis_scale=1.0,
+        txt_scale=1.0, vis_offset=0.0, txt_offset=0.0, label_logits="anywhere",
+        very_negative=False, ignore_fraction=0.0, layout="contiguous", grad_scale=-2.5,
+        tau=1e-4, lambda_v=0.1, lambda_t=1e4, ignore_index=-100, reduction="mean",
+        label_smoothing=0.0)),
+}
