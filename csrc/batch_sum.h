@@ -33,7 +33,9 @@ struct BatchSum {
 };
 
 // Sums of the row statistics that make the batch's loss and logged parts.
-enum BatchSumIndex : int { kSumLoss, kSumCeVis, kSumKlRef, kSumCeTxt, kNumBatchSums };
+enum BatchSumIndex : int {
+  kSumLoss, kSumCeVis, kSumKlRef, kSumCeTxt, kSumCeRef, kSumEntRef, kNumBatchSums
+};
 
 template <typename acc_t>
 TESLOSS_HD void add_row(BatchSum (&sums)[kNumBatchSums], const acc_t* row) {
@@ -41,6 +43,8 @@ TESLOSS_HD void add_row(BatchSum (&sums)[kNumBatchSums], const acc_t* row) {
   sums[kSumCeVis].add(row[kRowCeVis]);
   sums[kSumKlRef].add(row[kRowKlRef]);
   sums[kSumCeTxt].add(row[kRowCeTxt]);
+  sums[kSumCeRef].add(row[kRowCeRef]);
+  sums[kSumEntRef].add(row[kRowEntRef]);
 }
 
 // The batch's loss and logged parts from the sums over the `num_valid` rows
@@ -58,6 +62,8 @@ TESLOSS_HD void batch_finalize(const BatchSum (&sums)[kNumBatchSums], int64_t nu
   batch_stats[kBatchCeVis] = static_cast<acc_t>(sums[kSumCeVis].value() / n);
   batch_stats[kBatchKlRef] = static_cast<acc_t>(sums[kSumKlRef].value() / n);
   batch_stats[kBatchCeTxt] = static_cast<acc_t>(sums[kSumCeTxt].value() / n);
+  batch_stats[kBatchCeRef] = static_cast<acc_t>(sums[kSumCeRef].value() / n);
+  batch_stats[kBatchEntRef] = static_cast<acc_t>(sums[kSumEntRef].value() / n);
 }
 
 }  // namespace tesloss

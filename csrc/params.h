@@ -26,10 +26,13 @@ enum RowStat : int {
   kRowCeVis,   // CE_eps(z, Y), the vision loss against the (smoothed) target alone
   kRowKlRef,   // KL(p_ref || p_v)
   kRowCeTxt,   // CE_eps(s, Y)
+  kRowCeRef,   // CE_eps(z, p_ref), the vision loss against the text reference alone
+  kRowEntRef,  // H(p_ref), the entropy of the text reference
   kNumRowStats,
 };
 inline constexpr const char* kRowStatNames[kNumRowStats] = {
-    "loss", "max_vis", "sum_vis", "max_txt", "sum_txt", "mass", "ce_vision", "kl_ref", "ce_text"};
+    "loss",    "max_vis", "sum_vis", "max_txt", "sum_txt",    "mass",
+    "ce_vision", "kl_ref", "ce_text", "ce_ref", "entropy_ref"};
 
 // Entries of the [kNumBatchStats] tensor: the count of rows that are not
 // ignored (every row, for probability targets), and the means of the parts
@@ -40,10 +43,12 @@ enum BatchStat : int {
   kBatchCeVis,
   kBatchKlRef,
   kBatchCeTxt,
+  kBatchCeRef,
+  kBatchEntRef,
   kNumBatchStats,
 };
 inline constexpr const char* kBatchStatNames[kNumBatchStats] = {
-    "num_valid", "ce_vision", "kl_ref", "ce_text"};
+    "num_valid", "ce_vision", "kl_ref", "ce_text", "ce_ref", "entropy_ref"};
 
 // The numbering of at::Reduction, so the codes are PyTorch's own.
 enum Reduction : int64_t { kReduceNone = 0, kReduceMean = 1, kReduceSum = 2 };

@@ -222,13 +222,16 @@ TESLOSS_HD void row_finalize(const RowState<acc_t>& st, acc_t z_label, acc_t t_l
   }
   const acc_t ce_ref = lse_vis + st.gap_vis / st.sum_txt;  // CE(z, p_ref)
   const acc_t entropy_ref = lse_txt + st.gap_txt / st.sum_txt * p.inv_tau;
+  const acc_t kl_ref = ce_ref - entropy_ref;
   acc_t vision = lambda_mix(p.lambda_v, p.one_minus_lambda_v, ce_ref, ce_vis);  // CE(z, q)
+  acc_t ce_ref_eps = ce_ref;
   if constexpr (kHasUniform<kTarget>) {
     const acc_t ce_uni_vis = lse_vis + st.uni_vis * p.inv_num_classes;  // CE(z, U)
     const acc_t ce_uni_txt = lse_txt + st.uni_txt * p.inv_num_classes * p.inv_tau;
     vision = smoothed(p, vision, ce_uni_vis);
     ce_vis = smoothed(p, ce_vis, ce_uni_vis);
     ce_txt = smoothed(p, ce_txt, ce_uni_txt);
+    ce_ref_eps = smoothed(p, ce_ref, ce_uni_vis);
   }
   out[kRowLoss] = (vision + p.lambda_t * ce_txt) * kUnscale;
   out[kRowMaxVis] = st.max_vis;
@@ -237,8 +240,10 @@ TESLOSS_HD void row_finalize(const RowState<acc_t>& st, acc_t z_label, acc_t t_l
   out[kRowSumTxt] = st.sum_txt;
   out[kRowMass] = mass;
   out[kRowCeVis] = ce_vis * kUnscale;
-  out[kRowKlRef] = (ce_ref - entropy_ref) * kUnscale;
+  out[kRowKlRef] = kl_ref * kUnscale;
   out[kRowCeTxt] = ce_txt * kUnscale;
+  out[kRowCeRef] = ce_ref_eps * kUnscale;
+  out[kRowEntRef] = entropy_ref * kUnscale;
 }
 
 // A row that is ignored: zero loss and parts. Its other statistics are never read.

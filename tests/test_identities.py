@@ -1,9 +1,11 @@
 """Special cases of the TeS loss that have closed forms (those of class
 probabilities and label smoothing, cross-entropy among them, are test_targets.py's)."""
+import pytest
 import torch
 from torch import nn
 
 import tesloss
+from tesloss import testing
 
 
 def logits(device, b=12, c=37, dtype=torch.float64, seed=0):
@@ -55,14 +57,29 @@ def test_the_module_is_the_function(device):
     assert torch.equal(module(vis, txt, target), expected)
 
 
-def test_loss_is_the_sum_of_its_parts(device):
-    # CE(z, q) = (1 - lambda_v) CE(z, y) + lambda_v (KL(p_ref || p_v) + H(p_ref))
-    vis, txt, target = logits(device)
-    tau, lambda_v, lambda_t = 0.07, 0.25, 0.4
-    loss, parts = tesloss.fused_tes_loss(vis, txt, target, tau=tau, lambda_v=lambda_v,
-                                         lambda_t=lambda_t, return_parts=True)
-    p_ref = torch.softmax(txt.detach() / tau, 1)
-    entropy = -(p_ref * p_ref.log()).sum(1).mean()
-    rebuilt = ((1 - lambda_v) * parts.ce_vision + lambda_v * (parts.kl_ref + entropy)
-               + lambda_t * parts.ce_text)
-    torch.testing.assert_close(loss.detach(), rebuilt, rtol=1e-12, atol=1e-12)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("form", testing.TARGET_FORMS)
+def test_loss_is_the_sum_of_its_parts(device, form, label_smoothing, reduction, dtype):
+    # CE_eps(z, q) = (1 - lambda_v) CE_eps(z, Y) + lambda_v CE_eps(z, p_ref), q being
+    # linear in Y; and CE(z, p_ref) = KL(p_ref || p_v) + H(p_ref) when eps = 0.
+    lambda_v, lambda_t = 0.25, 0.4
+    case = testing.build_case(
+        dtype, device, batch=24, form=form, num_classes=37, seed=3, vis_scale=3.0,
+        txt_scale=1.0, vis_offset=0.0, txt_offset=0.0, label_logits="anywhere",
+        very_negative=False, ignore_fraction=0.25, layout="contiguous", grad_scale=1.0,
+        tau=0.07, lambda_v=lambda_v, lambda_t=lambda_t, ignore_index=-100,
+        reduction=reduction, label_smoothing=label_smoothing)
+    with torch.no_grad():
+        loss, parts = tesloss.fused_tes_loss(case.vis_logits, case.txt_logits, case.target,
+                                             **case.kwargs, return_parts=True)
+    loss, parts = loss.double().cpu(), parts._replace(**{
+        name: value.double().cpu() for name, value in parts._asdict().items()})
+    terms = ((1 - lambda_v) * parts.ce_vision, lambda_v * parts.ce_ref, lambda_t * parts.ce_text)
+    rows = case.valid().sum() if reduction == "sum" else 1
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-13
+    assert abs(loss - rows * sum(terms)) <= tolerance * rows * sum(map(abs, terms))
+    if label_smoothing == 0:
+        ce_ref = parts.kl_ref + parts.entropy_ref
+        assert abs(parts.ce_ref - ce_ref) <= tolerance * (parts.kl_ref.abs() + parts.entropy_ref)
