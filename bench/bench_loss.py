@@ -1,13 +1,10 @@
 #!/usr/bin/env python
 """Benchmark of the TeS loss: providers x shapes x dtypes x modes, checked, timed, written to CSV.
 
-Providers
-  tesloss        tesloss.fused_tes_loss, the fused op.
-  eager          tesloss.reference.tes_loss, the recipe as users write it.
-  torch_compile  torch.compile of that recipe, compiled and warmed up per shape and dtype
-                 outside the timed region.
-  liger          CUDA only: Liger-Kernel's losses composed into the TeS loss.
-  A provider that cannot run here is skipped with a printed note.
+Providers (bench/providers.py; the report names each): tesloss, the fused op; eager, the
+published recipe in plain PyTorch (tesloss.reference.tes_loss); torch_compile, that recipe
+compiled; liger, on CUDA, Liger-Kernel's losses composed into the TeS loss. A provider that
+cannot run here is skipped with a printed note.
 
 Modes: forward (the loss call), backward (loss.backward(), the forward untimed), full (both).
 
@@ -17,10 +14,11 @@ two labels smoothed by 0.1, as timm's Mixup makes them). Liger takes class indic
 
 Every provider's loss and gradients are first compared with the reference in float64 (the
 correctness gate); one that fails is not timed, and the script exits 1. Then the providers
-take turns; the report gives medians and p20/p80 of single calls, ratios against the peers
-measured in the same run, and bandwidth from the bytes model below, and flags figures that
-contradict themselves. bench/harness.py does the measuring; docs/DESIGN.md says why it
-measures as it does.
+take turns; the report gives medians, minima and p20/p80 of single calls, peak memory, ratios
+against the peers measured in the same run and bandwidth from the bytes model below; it
+flags figures that contradict themselves, and ends with a verdict on how loaded the machine
+was. bench/harness.py does the measuring, bench/report.py the writing; docs/DESIGN.md says
+why it measures as it does.
 
 Bytes model, the least traffic any implementation needs, with E the logits' element size:
 forward reads both logits (2*B*C*E), backward reads both and writes both gradients (4*B*C*E),
@@ -40,8 +38,8 @@ Examples
 """
 import argparse
 import datetime
-import functools
 import itertools
+import os
 import sys
 import time
 from pathlib import Path
@@ -50,15 +48,14 @@ import torch
 import torch.nn.functional as F
 
 import harness
+import providers as prov
+import report
 import tesloss
 from tesloss import reference
 
 HERE = Path(__file__).resolve().parent
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
           "fp64": torch.float64}
-PROVIDERS = ("tesloss", "eager", "torch_compile", "liger")
-LABELS = {"tesloss": "tesloss", "eager": "eager", "torch_compile": "torch.compile",
-          "liger": "Liger"}
 CPU_SHAPES = [(256, 100), (256, 1000), (1024, 1000), (256, 21843)]  # CIFAR-100, IN-1k, IN-21k
 # The shapes GPU results are judged on first (B*C >= 2^26 for the last two), then the rest.
 CUDA_SHAPES = [(256, 1000), (4096, 16384), (8192, 32768), (256, 100), (1024, 1000),
@@ -67,10 +64,8 @@ QUICK_SHAPES = [(256, 1000)]
 ELEMENT_PASSES = {"forward": 2, "backward": 4, "full": 6}  # [B, C] passes of the bytes model
 TARGET_PASSES = {"forward": 1, "backward": 1, "full": 2}  # of a probability target
 TARGET_FORMS = ("index", "smoothed", "mixup")
-SMOOTHING = 0.1  # timm train.py's default, for the smoothed and mixup targets
 MIXUP_LAMBDA = 0.7
 
-IGNORE_INDEX = -100
 IGNORED_FRACTION = 0.05
 VIS_STD = 2.0
 EMBED_DIM = 64
@@ -91,8 +86,8 @@ def parse_args(argv=None):
                                      epilog="See the module docstring for what is measured.")
     parser.add_argument("--device", choices=["cpu", "cuda"],
                         default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--providers", type=_choices(PROVIDERS),
-                        help=f"comma-separated subset of {','.join(PROVIDERS)} (default: all "
+    parser.add_argument("--providers", type=_choices(prov.NAMES),
+                        help=f"comma-separated subset of {','.join(prov.NAMES)} (default: all "
                              "that run on the device; --quick leaves out torch_compile)")
     parser.add_argument("--modes", type=_choices(harness.MODES),
                         help="default: forward,backward,full")
@@ -134,7 +129,7 @@ def parse_args(argv=None):
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     on_cuda = args.device == "cuda"
     if args.providers is None:
-        args.providers = [p for p in PROVIDERS
+        args.providers = [p for p in prov.NAMES
                           if not (args.quick and p == "torch_compile")
                           and not (p == "liger" and not on_cuda)]
         if args.quick:
@@ -183,14 +178,14 @@ def make_inputs(batch, num_classes, dtype, device, seed, target_form="index"):
     random image embeddings, pulled towards their label's class embedding, and normalized
     random class embeddings; IGNORED_FRACTION of the rows ignored (class indices), or, for
     mixup, fp32 rows MIXUP_LAMBDA * onehot(y) + (1 - MIXUP_LAMBDA) * onehot(y of the
-    reversed batch), smoothed by SMOOTHING (timm's mixup_target)."""
+    reversed batch), smoothed by providers.SMOOTHING (timm's mixup_target)."""
     gen = torch.Generator(device=device).manual_seed(seed)
     labels = torch.randint(num_classes, (batch,), generator=gen, device=device)
     ignored = torch.rand(batch, generator=gen, device=device) < IGNORED_FRACTION
     ignored[0] = False  # at least one row counts, so "mean" is a number
-    target = torch.where(ignored, IGNORE_INDEX, labels)
+    target = torch.where(ignored, prov.IGNORE_INDEX, labels)
     if target_form == "mixup":
-        off, on = SMOOTHING / num_classes, 1 - SMOOTHING + SMOOTHING / num_classes
+        off, on = prov.SMOOTHING / num_classes, 1 - prov.SMOOTHING + prov.SMOOTHING / num_classes
         onehot = F.one_hot(labels, num_classes).float() * (on - off) + off
         target = MIXUP_LAMBDA * onehot + (1 - MIXUP_LAMBDA) * onehot.flip(0)
 
@@ -204,81 +199,7 @@ def make_inputs(batch, num_classes, dtype, device, seed, target_form="index"):
 
 
 # ---------------------------------------------------------------------------------------------
-# Providers: each setup returns a loss function, or raises Unavailable saying why not.
-
-
-class Unavailable(Exception):
-    pass
-
-
-def tesloss_provider(device):
-    info = tesloss.backend_info()
-    if device not in info["kernels_for"]:
-        # Timing the fallback under the fused op's name would be a false number.
-        raise Unavailable(f"the compiled extension has no {device} kernels (backend_info: {info})")
-    return tesloss.fused_tes_loss
-
-
-def eager_provider(device):
-    return reference.tes_loss
-
-
-def torch_compile_provider(device):
-    # A fresh dynamo cache per shape and dtype: with dynamic=False every new shape recompiles,
-    # and past the recompile limit dynamo would quietly run the function eagerly.
-    torch._dynamo.reset()
-    return torch.compile(reference.tes_loss, dynamic=False)
-
-
-def liger_provider(device):
-    """The text term is LigerCrossEntropyLoss on txt_logits / tau; the vision term is
-    CE(z, q) = KL(q || softmax z) + H(q), with LigerKLDIVLoss on log_softmax(z) and q built
-    under no_grad as the recipe builds it."""
-    if device != "cuda":
-        raise Unavailable("Liger-Kernel's Triton kernels need CUDA")
-    try:
-        from liger_kernel.transformers.cross_entropy import LigerCrossEntropyLoss
-        from liger_kernel.transformers.kl_div import LigerKLDIVLoss
-    except Exception as error:  # not installed, or built for another torch or triton
-        raise Unavailable(f"liger_kernel is not importable ({type(error).__name__}: {error})")
-    text_ce = LigerCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="mean")
-    vision_kl = LigerKLDIVLoss(reduction="sum", log_target=False)
-
-    def liger_tes_loss(vis_logits, txt_logits, target, tau=0.03, lambda_v=0.1, lambda_t=0.3):
-        valid = target != IGNORE_INDEX
-        label = torch.where(valid, target, 0)
-        logits_text = txt_logits / tau
-        with torch.no_grad():
-            soft_label = lambda_v * torch.softmax(logits_text, dim=1)
-            soft_label[torch.arange(len(target), device=target.device), label] += 1.0 - lambda_v
-            # An all-zero target row adds nothing to the KL sum and gets no gradient.
-            soft_label *= valid.unsqueeze(1)
-            # The KL kernel gives CE(z, q) - H(q); H(q) has no gradient but is in the loss.
-            entropy = -torch.special.xlogy(soft_label, soft_label).sum(
-                dtype=torch.promote_types(soft_label.dtype, torch.float32))
-        loss_vision = vision_kl(F.log_softmax(vis_logits, dim=1), soft_label) + entropy
-        # After soft_label: Liger writes its gradient into logits_text in place.
-        loss_text = text_ce(logits_text, target)
-        return loss_vision / valid.sum() + lambda_t * loss_text
-
-    return liger_tes_loss
-
-
-SETUPS = {"tesloss": tesloss_provider, "eager": eager_provider,
-          "torch_compile": torch_compile_provider, "liger": liger_provider}
-PER_CASE = {"torch_compile"}  # set up afresh for every shape and dtype
-
-
-# ---------------------------------------------------------------------------------------------
 # One shape and dtype
-
-
-def with_target_form(fn, target_form):
-    """The provider's loss function for this form of target: smoothed ones take
-    label_smoothing, as the recipe does (mixup targets come smoothed)."""
-    if target_form != "smoothed":
-        return fn
-    return functools.partial(fn, label_smoothing=SMOOTHING)
 
 
 def run_case(batch, num_classes, dtype_name, target_form, providers, args, timer, copy_gbps):
@@ -286,7 +207,7 @@ def run_case(batch, num_classes, dtype_name, target_form, providers, args, timer
     device, dtype = args.device, DTYPES[dtype_name]
     shape = f"{batch}x{num_classes}"
     inputs = make_inputs(batch, num_classes, dtype, device, args.seed, target_form)
-    recipe = with_target_form(reference.tes_loss, target_form)
+    recipe = prov.with_target_form(reference.tes_loss, target_form)
     # The target's probabilities stay fp32, as Mixup makes them: only the logits go to fp64.
     expected = harness.evaluate(recipe, *(x.double() if i < 2 else x
                                           for i, x in enumerate(inputs)))
@@ -311,17 +232,17 @@ def run_case(batch, num_classes, dtype_name, target_form, providers, args, timer
             print(f"   note: liger skipped for {target_form} targets: this composition of "
                   f"Liger's losses takes class indices only")
             continue
-        if name in PER_CASE:
+        if name in prov.PER_CASE:
             begin = time.perf_counter()
             try:
-                fn = SETUPS[name](device)
+                fn = prov.SETUPS[name](device)
                 harness.evaluate(fn, *inputs)  # compiles forward and backward
             except Exception as error:
                 print(f"   note: {name} skipped for {shape} {dtype_name}: "
                       f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
                 continue
             print(f"   {name}: set up in {time.perf_counter() - begin:.1f} s")
-        fn = with_target_form(fn, target_form)
+        fn = prov.with_target_form(fn, target_form)
         err = harness.gate(name, fn, inputs, expected, limit)
         if err is None:
             failed = True
@@ -331,8 +252,8 @@ def run_case(batch, num_classes, dtype_name, target_form, providers, args, timer
 
     leaves = (inputs[0].detach().requires_grad_(), inputs[1].detach().requires_grad_(), inputs[2])
     rows = []
-    print(f"   {'mode':<9}{'provider':<15}{'median ms':>11}{'p20':>10}{'p80':>10}{'GB/s':>9}"
-          f"{'% copy':>8}{'peak MB':>9}{'max_rel_err':>13}")
+    print(f"   {'mode':<9}{'provider':<15}{'median ms':>11}{'min':>9}{'p20':>9}{'p80':>9}"
+          f"{'GB/s':>9}{'% copy':>8}{'peak MB':>9}{'max_rel_err':>13}")
     for mode in args.modes if fns else ():
         times, peaks = harness.time_mode(mode, fns, leaves, timer, args.warmup, args.reps, flush)
         nbytes = ELEMENT_PASSES[mode] * batch * num_classes * element_bytes
@@ -342,15 +263,16 @@ def run_case(batch, num_classes, dtype_name, target_form, providers, args, timer
             mid = harness.median(times[name])
             row = dict(provider=name, mode=mode, dtype=dtype_name, B=batch, C=num_classes,
                        target=target_form,
-                       median_ms=mid, p20_ms=harness.quantile(times[name], 0.2),
+                       median_ms=mid, min_ms=min(times[name]),
+                       p20_ms=harness.quantile(times[name], 0.2),
                        p80_ms=harness.quantile(times[name], 0.8),
                        gbps=nbytes / (mid * 1e-3) / 1e9, peak_mem_mb=peaks[name],
                        max_rel_err=errors[name])
             row["pct_of_peak"] = 100 * row["gbps"] / copy_gbps
             rows.append(row)
-            peak = "" if row["peak_mem_mb"] is None else f"{row['peak_mem_mb']:.1f}"
-            print(f"   {mode:<9}{name:<15}{mid:>11.4g}{row['p20_ms']:>10.4g}"
-                  f"{row['p80_ms']:>10.4g}{row['gbps']:>9.3g}{row['pct_of_peak']:>8.1f}"
+            peak = "" if row["peak_mem_mb"] is None else f"{row['peak_mem_mb']:.3g}"
+            print(f"   {mode:<9}{name:<15}{mid:>11.4g}{row['min_ms']:>9.4g}{row['p20_ms']:>9.4g}"
+                  f"{row['p80_ms']:>9.4g}{row['gbps']:>9.3g}{row['pct_of_peak']:>8.1f}"
                   f"{peak:>9}{row['max_rel_err']:>13.2e}")
         print(f"   {'':<9}{speedup_line(times)}  ({len(times[next(iter(fns))])} reps)")
     contradictions = [f"{shape} {dtype_name} {line}" for line in harness.contradictions(rows)]
@@ -370,8 +292,8 @@ def speedup_line(times):
 
 def main(argv=None):
     args = parse_args(argv)
-    harness.check_csv(args.out)
-    with harness.report_to(args.report):
+    report.check_csv(args.out)
+    with report.report_to(args.report):
         return run(args)
 
 
@@ -382,6 +304,7 @@ def run(args):
     if device == "cpu":
         allocator = ("allocator: glibc's adaptive defaults (--glibc-defaults)"
                      if args.glibc_defaults else harness.keep_freed_memory_mapped())
+    load = harness.MachineLoad()
     timer = harness.Timer(device)
     n_threads = torch.get_num_threads()
     threads = (f"{n_threads} thread{'s' if n_threads > 1 else ''}" if device == "cpu"
@@ -395,6 +318,8 @@ def run(args):
 
     print(f"tesloss {tesloss.__version__} benchmark on {device} ({machine['device_name']}, "
           f"{threads}), torch {torch.__version__}, {machine['timestamp']}")
+    for name in args.providers:
+        print(f"provider {name}: {prov.DESCRIPTIONS[name]}")
     print("bytes model: forward reads vis and txt (2*B*C elements), backward reads both and "
           "writes both gradients (4*B*C), full = 6*B*C; a probability target adds a read of "
           "its B*C elements to the forward and to the backward; GB/s = bytes / median time")
@@ -402,21 +327,25 @@ def run(args):
           f"({'device to device' if device == 'cuda' else 'memory to memory'}, read + write "
           f"bytes) measured now: {copy_gbps:.1f} GB/s")
     if device == "cuda":
-        print("timing: CUDA events from an idle GPU, launch overhead included; median and "
+        print("timing: CUDA events from an idle GPU, launch overhead included; median, min and "
               "p20/p80 over interleaved calls")
     else:
         print(f"timing: perf_counter per call, no cache flush (shapes that fit in the CPU caches "
               f"run from them, so % copy can pass 100); providers take turns of "
-              f"{harness.RUN_LENGTH['cpu']} calls; median and p20/p80 of single calls")
+              f"{harness.RUN_LENGTH['cpu']} calls; median, min and p20/p80 of single calls")
         print(allocator)
     print("max_rel_err: max over loss, grad_vis, grad_txt of max|x - x64| / max|x64| against "
           "the float64 reference on the same inputs")
+    print("peak MB: the most memory allocated at once during one more call beyond what was "
+          "allocated before it, gradients included (" + (
+              "torch.cuda.max_memory_allocated)" if device == "cuda" else
+              "torch.profiler's record of the CPU allocator's allocations and frees)"))
 
     providers = {}
     for name in args.providers:
         try:
-            providers[name] = None if name in PER_CASE else SETUPS[name](device)
-        except Unavailable as why:
+            providers[name] = None if name in prov.PER_CASE else prov.SETUPS[name](device)
+        except prov.Unavailable as why:
             print(f"note: {name} skipped: {why}")
 
     rows, failed, contradictions = [], False, []
@@ -426,7 +355,7 @@ def run(args):
                 batch, num_classes, dtype_name, target_form, providers, args, timer, copy_gbps)
             # Each case's rows are written as soon as they exist, so a run cut short by a
             # time limit keeps what it measured.
-            harness.append_csv(args.out, case_rows, machine)
+            report.append_csv(args.out, case_rows, machine)
             rows += case_rows
             failed |= case_failed
             contradictions += case_contradictions
@@ -434,12 +363,14 @@ def run(args):
                 torch.cuda.empty_cache()  # the next shape should not inherit this one's blocks
 
     print(f"\n{len(rows)} rows appended to {args.out}")
+    verdict = report.load_verdict(rows, load.cpus_used(), os.cpu_count())
     if args.markdown:
         print()
-        print(harness.markdown_table(rows, machine, copy_gbps, PROVIDERS, LABELS, "tesloss"))
+        print(report.markdown_table(rows, machine, copy_gbps, prov.NAMES, prov.LABELS, "tesloss"))
     if contradictions:
         print(f"\n{len(contradictions)} figures contradict themselves (INCONSISTENT above): "
-              "rerun on a quieter machine before quoting them")
+              "their medians are in doubt; the min column is the steadier figure")
+    print(f"\n{verdict}")
     if failed:
         print("some providers failed their correctness check (FAIL above)")
     return 1 if failed else 0

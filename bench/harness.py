@@ -1,23 +1,21 @@
-"""The benchmark harness: correctness gate, timing, memory, self-consistency checks, and
-CSV / Markdown output. Loss-agnostic: bench_loss.py supplies the providers and inputs.
+"""The benchmark harness: correctness gate, timing, memory, the machine's load and
+self-consistency checks. Loss-agnostic: bench_loss.py supplies the providers and inputs,
+report.py writes what they measured.
 
 A provider is a function (vis_logits, txt_logits, target) -> loss. Every call runs on leaves
 that require grad, as in training. docs/DESIGN.md says why the timing is done as it is.
 """
 import contextlib
-import csv
 import ctypes
 import gc
 import math
+import os
 import platform
-import sys
+import resource
 import time
 
 import torch
 
-CSV_COLUMNS = ["timestamp", "device", "device_name", "torch_version", "tesloss_version",
-               "provider", "mode", "dtype", "B", "C", "target", "median_ms", "p20_ms", "p80_ms", "gbps",
-               "pct_of_peak", "peak_mem_mb", "max_rel_err"]
 MODES = ("forward", "backward", "full")
 
 # Adaptive repetitions: enough calls to fill about this many seconds per (shape, dtype, mode)
@@ -101,6 +99,39 @@ class Timer:
             elapsed = (time.perf_counter() - begin) * 1e3
         del out  # freed after the clock stopped
         return elapsed
+
+
+class MachineLoad:
+    """How busy the machine was with other work while the benchmark ran: the CPU time that
+    others took (all CPU time in /proc/stat less this process's) and the time the
+    hypervisor stole, each as CPUs' worth over the wall time. None where /proc/stat is
+    missing (not Linux)."""
+
+    def __init__(self):
+        self.begin = self._sample()
+
+    @staticmethod
+    def _sample():
+        try:
+            with open("/proc/stat") as stat:
+                fields = [int(n) for n in stat.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        ticks = os.sysconf("SC_CLK_TCK")
+        # user nice system idle iowait irq softirq steal: busy is all but idle and iowait.
+        busy = (sum(fields[:8]) - fields[3] - fields[4]) / ticks
+        steal = fields[7] / ticks if len(fields) > 7 else 0.0
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        return time.monotonic(), busy - steal, steal, own.ru_utime + own.ru_stime
+
+    def cpus_used(self):
+        """(others, steal) in CPUs since construction, or None."""
+        end = self._sample()
+        if self.begin is None or end is None or end[0] <= self.begin[0]:
+            return None
+        wall = end[0] - self.begin[0]
+        others = (end[1] - self.begin[1]) - (end[3] - self.begin[3])
+        return max(others, 0.0) / wall, (end[2] - self.begin[2]) / wall
 
 
 def copy_bandwidth_gbps(device, timer):
@@ -192,8 +223,8 @@ def mode_calls(mode, vis, txt, target):
 
 
 def time_mode(mode, fns, inputs, timer, warmup, reps=None, flush=False):
-    """Per provider: the timed milliseconds of single calls, and peak memory (MB, CUDA only)
-    or None. After `warmup` calls each, the providers take turns, so load on a shared
+    """Per provider: the timed milliseconds of single calls, and the peak memory of one
+    more call (MB). After `warmup` calls each, the providers take turns, so load on a shared
     machine falls on all of them alike."""
     device = timer.device
     setup, timed = mode_calls(mode, *inputs)
@@ -215,12 +246,12 @@ def time_mode(mode, fns, inputs, timer, warmup, reps=None, flush=False):
                     times[name].append(timer.measure(timed, setup(fn), flush))
     finally:
         gc.enable()
-    peaks = {name: peak_memory_mb(setup, timed, fn) if device == "cuda" else None
-             for name, fn in fns.items()}
+    peak = cuda_peak_memory_mb if device == "cuda" else cpu_peak_memory_mb
+    peaks = {name: peak(setup, timed, fn) for name, fn in fns.items()}
     return times, peaks
 
 
-def peak_memory_mb(setup, timed, fn):
+def cuda_peak_memory_mb(setup, timed, fn):
     """torch.cuda.max_memory_allocated during one call, minus what was allocated before it."""
     state = setup(fn)
     torch.cuda.synchronize()
@@ -231,6 +262,40 @@ def peak_memory_mb(setup, timed, fn):
     peak = torch.cuda.max_memory_allocated() - before
     del out, state
     return peak / 2**20
+
+
+def cpu_peak_memory_mb(setup, timed, fn):
+    """The most bytes torch's CPU allocator held at once during one call, beyond what it held
+    before: torch keeps no peak for the CPU, so it is read off the profiler's record of each
+    allocation and free, in order. The call is an extra one, untimed."""
+    from torch.profiler import ProfilerActivity, profile
+
+    state = setup(fn)
+    with _stderr_silenced(), profile(activities=[ProfilerActivity.CPU],
+                                     profile_memory=True) as prof:
+        out = timed(state)
+        del out, state
+    events = sorted((event.start_ns(), event.nbytes())
+                    for event in prof.profiler.kineto_results.events()
+                    if event.name() == "[memory]")
+    held = peak = 0
+    for _, nbytes in events:
+        held += nbytes
+        peak = max(peak, held)
+    return peak / 2**20
+
+
+@contextlib.contextmanager
+def _stderr_silenced():
+    """Kineto writes a line to file descriptor 2 as each profile starts and stops."""
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def contradictions(rows):
@@ -251,97 +316,3 @@ def contradictions(rows):
                 found.append(f"{provider}: (forward + backward) / full = {ratio:.2f}, "
                              f"outside [{low}, {high}]")
     return found
-
-
-# ---------------------------------------------------------------------------------------------
-# Output
-
-
-def check_csv(path):
-    """Refuses, before any timing, a file that appending would corrupt."""
-    if path.exists() and path.stat().st_size > 0:
-        with open(path, newline="") as existing:
-            header = next(csv.reader(existing), None)
-        if header != CSV_COLUMNS:
-            sys.exit(f"bench: {path} has columns {header}, expected {CSV_COLUMNS}; "
-                     f"choose another --out")
-
-
-def append_csv(path, rows, machine):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists() or path.stat().st_size == 0
-    with open(path, "a", newline="") as out:
-        writer = csv.writer(out)
-        if new:
-            writer.writerow(CSV_COLUMNS)
-        for row in rows:
-            writer.writerow([
-                machine["timestamp"], machine["device"], machine["device_name"],
-                machine["torch_version"], machine["tesloss_version"], row["provider"],
-                row["mode"], row["dtype"], row["B"], row["C"], row["target"],
-                f"{row['median_ms']:.6g}",
-                f"{row['p20_ms']:.6g}", f"{row['p80_ms']:.6g}", f"{row['gbps']:.4g}",
-                f"{row['pct_of_peak']:.2f}",
-                "" if row["peak_mem_mb"] is None else f"{row['peak_mem_mb']:.1f}",
-                f"{row['max_rel_err']:.3e}",
-            ])
-
-
-def markdown_table(rows, machine, copy_gbps, providers, labels, subject):
-    """Full-mode results, one line per (shape, dtype, target), `subject`'s ratio over each
-    peer. The target column is shown where the rows hold more than class indices."""
-    full = [row for row in rows if row["mode"] == "full"]
-    if not full:
-        return "(no full-mode results for the Markdown table)"
-    present = [name for name in providers if any(row["provider"] == name for row in full)]
-    peers = [name for name in present if name != subject]
-    mine_present = subject in present
-    show_target = any(row["target"] != "index" for row in full)
-    header = (["shape (B×C)", "dtype"] + (["target"] if show_target else [])
-              + [f"{labels[name]} ms" for name in present]
-              + ([f"vs {labels[name]}" for name in peers] if mine_present else [])
-              + ([f"{labels[subject]} GB/s (% of copy)"] if mine_present else []))
-    turns = ("one call per turn" if RUN_LENGTH[machine["device"]] == 1
-             else f"turns of {RUN_LENGTH[machine['device']]} calls")
-    lines = [f"Forward + backward, median of single calls, providers taking {turns}; "
-             f"{machine['device_name']}, {machine['threads']}, torch {machine['torch_version']}, "
-             f"copy bandwidth {copy_gbps:.1f} GB/s.", "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    case_of = lambda row: (row["B"], row["C"], row["dtype"], row["target"])  # noqa: E731
-    for case in dict.fromkeys(case_of(row) for row in full):
-        batch, num_classes, dtype_name, target = case
-        by_provider = {row["provider"]: row for row in full if case_of(row) == case}
-        cells = [f"{batch}×{num_classes}", dtype_name] + ([target] if show_target else [])
-        cells += [f"{by_provider[name]['median_ms']:.3g}" if name in by_provider else "–"
-                  for name in present]
-        mine = by_provider.get(subject)
-        if mine_present:
-            cells += [f"{by_provider[name]['median_ms'] / mine['median_ms']:.1f}×"
-                      if mine and name in by_provider else "–" for name in peers]
-            cells.append(f"{mine['gbps']:.3g} ({mine['pct_of_peak']:.0f}%)" if mine else "–")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-class _Tee:
-    def __init__(self, *streams):
-        self.streams = streams
-
-    def write(self, text):
-        for stream in self.streams:
-            stream.write(text)
-
-    def flush(self):
-        for stream in self.streams:
-            stream.flush()
-
-
-@contextlib.contextmanager
-def report_to(path):
-    """Everything printed inside also goes to `path` (when it is not None)."""
-    if path is None:
-        yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as log, contextlib.redirect_stdout(_Tee(sys.stdout, log)):
-        yield
