@@ -121,8 +121,36 @@ class MachineLoad:
         # user nice system idle iowait irq softirq steal: busy is all but idle and iowait.
         busy = (sum(fields[:8]) - fields[3] - fields[4]) / ticks
         steal = fields[7] / ticks if len(fields) > 7 else 0.0
-        own = resource.getrusage(resource.RUSAGE_SELF)
-        return time.monotonic(), busy - steal, steal, own.ru_utime + own.ru_stime
+        return time.monotonic(), busy - steal, steal, MachineLoad._own_cpu_seconds(ticks)
+
+    @staticmethod
+    def _own_cpu_seconds(ticks):
+        """CPU time of this process, its reaped children and its living descendants
+        (torch.compile's compile workers among them)."""
+        total = 0.0
+        for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+            usage = resource.getrusage(who)
+            total += usage.ru_utime + usage.ru_stime
+        parents, times = {}, {}
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    fields = stat.read().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue  # gone, or not readable
+            # After the command's ")": state ppid ... utime (12th) stime (13th).
+            parents[int(entry)] = int(fields[1])
+            times[int(entry)] = (int(fields[11]) + int(fields[12])) / ticks
+        me = os.getpid()
+        for pid in times:
+            ancestor = parents.get(pid)
+            while ancestor not in (None, 0, 1, me):
+                ancestor = parents.get(ancestor)
+            if ancestor == me:
+                total += times[pid]
+        return total
 
     def cpus_used(self):
         """(others, steal) in CPUs since construction, or None."""
