@@ -5,6 +5,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/core/ivalue.h>
 
 #include <type_traits>
 
@@ -38,6 +39,13 @@ struct BackwardTensors {
   at::Tensor target;
   at::Tensor row_stats;    // the forward's, contiguous, accumulation type
   at::Tensor batch_stats;  // the forward's, contiguous, accumulation type
+  at::Tensor grad_vis;     // out: [B, C], contiguous, the logits' dtype
+  at::Tensor grad_txt;     // out: [B, C], contiguous, the logits' dtype
+};
+
+// The single pass of a training step: the forward's tensors, and both
+// gradients for an upstream gradient of 1, written in the same pass.
+struct StepTensors : ForwardTensors {
   at::Tensor grad_vis;     // out: [B, C], contiguous, the logits' dtype
   at::Tensor grad_txt;     // out: [B, C], contiguous, the logits' dtype
 };
@@ -102,6 +110,15 @@ void with_target_kind(const at::Tensor& target, const Params& params, F&& f) {
   }
 }
 
+// The op's arguments as the dispatcher hands them over (tensors.cpp): the
+// parameters, each checked against params.h's table, and each pass's tensors,
+// checked, laid out for the kernels and with their outputs allocated.
+Params read_params(c10::ArrayRef<c10::IValue> args, const char* op);
+ForwardTensors prepare_forward(const at::Tensor& vis_logits, const at::Tensor& txt_logits,
+                               const at::Tensor& target, const Params& p);
+// tensors: grad_loss, vis_logits, txt_logits, target, row_stats, batch_stats.
+BackwardTensors prepare_backward(c10::ArrayRef<c10::IValue> tensors, const Params& p);
+
 // The accumulation dtype of logits of dtype t (params.h's acc_t_of).
 at::ScalarType acc_scalar_type(at::ScalarType t);
 
@@ -110,9 +127,11 @@ double min_tau(at::ScalarType t);
 
 using ForwardKernel = void (*)(const ForwardTensors&, const Params&);
 using BackwardKernel = void (*)(const BackwardTensors&, const Params&);
+using StepKernel = void (*)(const StepTensors&, const Params&);
 
 void tes_loss_forward_cpu(const ForwardTensors& t, const Params& params);
 void tes_loss_backward_cpu(const BackwardTensors& t, const Params& params);
+void tes_loss_step_cpu(const StepTensors& t, const Params& params);
 
 #if defined(WITH_CUDA) || defined(TESLOSS_CUDA_EMULATOR)
 void tes_loss_forward_cuda(const ForwardTensors& t, const Params& params);

@@ -41,128 +41,6 @@ constexpr int kBackwardTensorArgs = 6;  // grad_loss, the forward's three, row_s
 #define TESLOSS_SCHEMA_ARG(type, name, schema_type, ...) ", " schema_type " " #name
 #define TESLOSS_SCHEMA_PARAMS TESLOSS_FOR_EACH_PARAM(TESLOSS_SCHEMA_ARG)
 
-// The parameters from the schema's arguments, each checked against its
-// condition in params.h. The same check serves the forward and the backward op.
-Params read_params(c10::ArrayRef<c10::IValue> args, const char* op) {
-  TORCH_INTERNAL_ASSERT(args.size() == kNumParams, op, ": expected ", kNumParams,
-                        " parameters, got ", args.size());
-  Params p;
-  size_t next = 0;
-#define TESLOSS_READ_PARAM(type, name, schema_type, condition, expected)          \
-  {                                                                               \
-    const type value = args[next++].to<type>();                                   \
-    TORCH_CHECK(condition, op, ": " #name " must be " expected ", got ", value);  \
-    p.name = value;                                                               \
-  }
-  TESLOSS_FOR_EACH_PARAM(TESLOSS_READ_PARAM)
-#undef TESLOSS_READ_PARAM
-  return p;
-}
-
-// The tensor checks both devices share, so both refuse the same arguments with
-// the same messages. Label values are checked by the kernels, which read each
-// label anyway.
-void check_forward_tensors(const at::Tensor& vis_logits, const at::Tensor& txt_logits,
-                           const at::Tensor& target) {
-  TORCH_CHECK(vis_logits.dim() == 2, "fused_tes_loss: vis_logits must be 2-D [B, C], got ",
-              vis_logits.dim(), "-D of shape ", vis_logits.sizes());
-  TORCH_CHECK(txt_logits.sizes() == vis_logits.sizes(),
-              "fused_tes_loss: txt_logits must have the shape of vis_logits ",
-              vis_logits.sizes(), ", got ", txt_logits.sizes());
-  TORCH_CHECK(vis_logits.size(1) > 0, "fused_tes_loss: vis_logits must have C >= 1 classes, got ",
-              vis_logits.sizes());
-  TORCH_CHECK(at::isFloatingType(vis_logits.scalar_type()),
-              "fused_tes_loss: vis_logits must be floating point, got ", vis_logits.scalar_type());
-  TORCH_CHECK(txt_logits.scalar_type() == vis_logits.scalar_type(),
-              "fused_tes_loss: txt_logits must have the dtype of vis_logits (",
-              vis_logits.scalar_type(), "), got ", txt_logits.scalar_type());
-  const int64_t B = vis_logits.size(0);
-  const int64_t C = vis_logits.size(1);
-  const bool indices = target.scalar_type() == at::kLong && target.dim() == 1 &&
-                       target.size(0) == B;
-  const bool probs = at::isFloatingType(target.scalar_type()) && target.dim() == 2 &&
-                     target.size(0) == B && target.size(1) == C;
-  TORCH_CHECK(indices || probs, "fused_tes_loss: target must be int64 class indices of shape [B]=[",
-              B, "] or floating class probabilities of shape [B, C]=[", B, ", ", C, "], got ",
-              target.scalar_type(), " of shape ", target.sizes());
-  TORCH_CHECK(vis_logits.device() == txt_logits.device() && vis_logits.device() == target.device(),
-              "fused_tes_loss: vis_logits, txt_logits and target must be on one device, got ",
-              vis_logits.device(), ", ", txt_logits.device(), " and ", target.device());
-}
-
-void check_backward_tensors(const at::Tensor& grad_loss, const at::Tensor& vis_logits,
-                            const at::Tensor& row_stats, const at::Tensor& batch_stats,
-                            int64_t reduction) {
-  const int64_t B = vis_logits.size(0);
-  if (reduction == kReduceNone) {
-    TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == B,
-                "tes_loss_backward: grad_loss must have shape [B]=[", B, "] for reduction none, got ",
-                grad_loss.sizes());
-  } else {
-    TORCH_CHECK(grad_loss.numel() == 1, "tes_loss_backward: grad_loss must be a scalar, got ",
-                grad_loss.sizes());
-  }
-  TORCH_CHECK(row_stats.dim() == 2 && row_stats.size(0) == B && row_stats.size(1) == kNumRowStats,
-              "tes_loss_backward: row_stats must have shape [", B, ", ", int(kNumRowStats),
-              "], got ", row_stats.sizes());
-  TORCH_CHECK(batch_stats.numel() == kNumBatchStats, "tes_loss_backward: batch_stats must have ",
-              int(kNumBatchStats), " entries, got ", batch_stats.sizes());
-  for (const auto& [name, tensor] : {std::pair<const char*, const at::Tensor&>{"grad_loss", grad_loss},
-                                     {"row_stats", row_stats}, {"batch_stats", batch_stats}}) {
-    TORCH_CHECK(tensor.device() == vis_logits.device(), "tes_loss_backward: ", name,
-                " must be on the device of vis_logits (", vis_logits.device(), "), got ",
-                tensor.device());
-  }
-}
-
-// The one parameter check that depends on the dtype: the kernels scale by
-// 1 / tau (times log2 e) in the accumulation type.
-void check_tau(const char* op, double tau, at::ScalarType dtype) {
-  const double least = min_tau(dtype);
-  TORCH_CHECK(tau >= least, op, ": tau must be at least ", least, " for ", dtype,
-              " logits (1 / tau must be finite in ", acc_scalar_type(dtype), "), got ", tau);
-}
-
-ForwardTensors prepare_forward(const at::Tensor& vis_logits, const at::Tensor& txt_logits,
-                               const at::Tensor& target, const Params& p) {
-  check_forward_tensors(vis_logits, txt_logits, target);
-  check_tau("tes_loss_forward", p.tau, vis_logits.scalar_type());
-  const int64_t B = vis_logits.size(0);
-  const auto acc = vis_logits.options().dtype(acc_scalar_type(vis_logits.scalar_type()));
-  return ForwardTensors{with_unit_class_stride(vis_logits),
-                        with_unit_class_stride(txt_logits),
-                        kernel_target(target, acc.dtype().toScalarType()),
-                        p.reduction == kReduceNone ? at::empty({B}, acc) : at::empty({}, acc),
-                        at::empty({B, kNumRowStats}, acc),
-                        at::empty({kNumBatchStats}, acc)};
-}
-
-BackwardTensors prepare_backward(c10::ArrayRef<c10::IValue> tensors, const Params& p) {
-  const at::Tensor& grad_loss = tensors[0].toTensor();
-  const at::Tensor& vis_logits = tensors[1].toTensor();
-  const at::Tensor& txt_logits = tensors[2].toTensor();
-  const at::Tensor& target = tensors[3].toTensor();
-  const at::Tensor& row_stats = tensors[4].toTensor();
-  const at::Tensor& batch_stats = tensors[5].toTensor();
-  check_forward_tensors(vis_logits, txt_logits, target);
-  check_backward_tensors(grad_loss, vis_logits, row_stats, batch_stats, p.reduction);
-  check_tau("tes_loss_backward", p.tau, vis_logits.scalar_type());
-  const auto acc = acc_scalar_type(vis_logits.scalar_type());
-  // Checked first: even a .to() that returns its input costs a dispatch.
-  // grad_loss keeps its strides (a [B] gradient may be an expanded scalar).
-  const auto as_acc = [acc](const at::Tensor& t) {
-    return t.scalar_type() == acc ? t : t.to(acc);
-  };
-  return BackwardTensors{as_acc(grad_loss),
-                         with_unit_class_stride(vis_logits),
-                         with_unit_class_stride(txt_logits),
-                         kernel_target(target, acc),
-                         as_acc(row_stats).contiguous(),
-                         as_acc(batch_stats).contiguous(),
-                         at::empty(vis_logits.sizes(), vis_logits.options()),
-                         at::empty(txt_logits.sizes(), txt_logits.options())};
-}
-
 // A device's forward kernel as the dispatcher calls it: the schema's arguments
 // in, (loss, row_stats, batch_stats) out.
 template <ForwardKernel kernel>
@@ -175,6 +53,23 @@ void boxed_forward(const c10::OperatorHandle&, Stack* stack) {
   kernel(t, p);
   torch::jit::drop(*stack, kArgs);
   torch::jit::push(*stack, t.loss, t.row_stats, t.batch_stats);
+}
+
+// A device's single-pass kernel as the dispatcher calls it: the forward's
+// arguments in, (loss, row_stats, batch_stats, grad_vis, grad_txt) out.
+template <StepKernel kernel>
+void boxed_step(const c10::OperatorHandle&, Stack* stack) {
+  constexpr size_t kArgs = kForwardTensorArgs + kNumParams;
+  const auto args = torch::jit::last(*stack, kArgs);
+  const Params p = read_params(args.slice(kForwardTensorArgs), "tes_loss_step");
+  const at::Tensor& vis_logits = args[0].toTensor();
+  const at::Tensor& txt_logits = args[1].toTensor();
+  StepTensors t{prepare_forward(vis_logits, txt_logits, args[2].toTensor(), p),
+                at::empty(vis_logits.sizes(), vis_logits.options()),
+                at::empty(txt_logits.sizes(), txt_logits.options())};
+  kernel(t, p);
+  torch::jit::drop(*stack, kArgs);
+  torch::jit::push(*stack, t.loss, t.row_stats, t.batch_stats, t.grad_vis, t.grad_txt);
 }
 
 // A device's backward kernel as the dispatcher calls it: (grad_vis, grad_txt) out.
@@ -201,6 +96,12 @@ Stack call_op(const c10::OperatorHandle& op, Stack stack, const c10::IValue& par
 const c10::OperatorHandle& forward_op() {
   static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow(
       C10_STRINGIZE(TESLOSS_LIBRARY) "::tes_loss_forward", "");
+  return op;
+}
+
+const c10::OperatorHandle& step_op() {
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow(
+      C10_STRINGIZE(TESLOSS_LIBRARY) "::tes_loss_step", "");
   return op;
 }
 
@@ -298,20 +199,26 @@ class TesLossBackwardFunction : public torch::autograd::Function<TesLossBackward
 
 // Autograd for the forward op, for every device, bound in C++ rather than with
 // torch.library.register_autograd, whose Python wrapper costs more than the
-// whole CPU kernel at small shapes (docs/DESIGN.md).
+// whole CPU kernel at small shapes (docs/DESIGN.md). With `single_pass`, the
+// forward is tes_loss_step, and its gradients (for an upstream gradient of 1)
+// wait in saved_data until the backward hands them over, once.
 class TesLossFunction : public torch::autograd::Function<TesLossFunction> {
  public:
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx,
                                                 const at::Tensor& vis_logits,
                                                 const at::Tensor& txt_logits,
                                                 const at::Tensor& target,
-                                                const c10::IValue& params) {
+                                                const c10::IValue& params, bool single_pass) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    const Stack out = call_op(forward_op(), {vis_logits, txt_logits, target}, params);
+    const Stack out =
+        call_op(single_pass ? step_op() : forward_op(), {vis_logits, txt_logits, target}, params);
     const at::Tensor& row_stats = out[1].toTensor();
     const at::Tensor& batch_stats = out[2].toTensor();
     ctx->save_for_backward({vis_logits, txt_logits, target, row_stats, batch_stats});
     ctx->saved_data["params"] = params;
+    if (single_pass) {
+      ctx->saved_data[kGradients] = c10::List<at::Tensor>({out[3].toTensor(), out[4].toTensor()});
+    }
     ctx->mark_non_differentiable({row_stats, batch_stats});
     // The statistics get no gradient; without this, autograd would allocate
     // (and on a GPU, fill) zero gradients for them before every backward.
@@ -321,20 +228,70 @@ class TesLossFunction : public torch::autograd::Function<TesLossFunction> {
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
-    if (!grads[0].defined()) return {{}, {}, {}, {}};  // no gradient reached the loss
+    // The single pass's gradients, taken out: autograd gets the only
+    // reference (so it need not copy them into .grad), and a second backward
+    // (retain_graph) computes afresh rather than hand out a buffer twice.
+    c10::optional<c10::List<at::Tensor>> ready;
+    if (const auto found = ctx->saved_data.find(kGradients); found != ctx->saved_data.end()) {
+      ready = found->second.toTensorList();
+      ctx->saved_data.erase(found);
+    }
+    if (!grads[0].defined()) return {{}, {}, {}, {}, {}};  // no gradient reached the loss
     const auto saved = ctx->get_saved_variables();
     const c10::IValue& params = ctx->saved_data["params"];
     if (!at::GradMode::is_enabled()) {  // a plain backward: no graph to record
+      // They were written for an upstream gradient of 1: another is a
+      // multiplication in place (one more rounding), except in fp16, whose
+      // gradients below 6e-8 underflowed at 1 where a GradScaler's g would
+      // have kept them: there the backward takes its own pass.
+      if (ready && ready->get(0).scalar_type() != at::kHalf) {
+        at::AutoDispatchBelowADInplaceOrView below_autograd;
+        at::Tensor grad_vis = ready->get(0), grad_txt = ready->get(1);
+        ready.reset();
+        if (!is_one(grads[0])) {
+          const at::Tensor g = grads[0].dim() == 1 ? grads[0].unsqueeze(1) : grads[0];
+          grad_vis.mul_(g);
+          grad_txt.mul_(g);
+        }
+        return {grad_vis, grad_txt, {}, {}, {}};
+      }
+      if (ready && is_one(grads[0])) return {ready->get(0), ready->get(1), {}, {}, {}};
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       const Stack out = call_op(
           backward_op(), {grads[0], saved[0], saved[1], saved[2], saved[3], saved[4]}, params);
-      return {out[0].toTensor(), out[1].toTensor(), {}, {}};
+      return {out[0].toTensor(), out[1].toTensor(), {}, {}, {}};
     }
     auto out = TesLossBackwardFunction::apply(grads[0], saved[0], saved[1], saved[2], saved[3],
                                               saved[4], params);
-    return {out[0], out[1], {}, {}};
+    return {out[0], out[1], {}, {}, {}};
+  }
+
+ private:
+  static constexpr const char* kGradients = "gradients";
+
+  // Whether every upstream gradient is exactly 1 (plain loss.backward()). Only
+  // for the single pass, which runs on the CPU: no device to wait for.
+  static bool is_one(const at::Tensor& g) {
+    return g.numel() == 1 ? g.item<double>() == 1.0 : at::all(g == 1).item<bool>();
   }
 };
+
+// Whether this call's forward is the single pass: only where it has a kernel
+// (the CPU), only when both logits will get a gradient, and only for plain
+// tensors: tracing (torch.compile's fake and functional tensors) takes the two
+// passes, whose backward needs no value of the upstream gradient.
+bool takes_single_pass(const at::Tensor& vis_logits, const at::Tensor& txt_logits) {
+#if defined(TESLOSS_CUDA_EMULATOR)
+  return false;
+#else
+  const auto traced = c10::DispatchKeySet({c10::DispatchKey::Python,
+                                           c10::DispatchKey::PythonTLSSnapshot,
+                                           c10::DispatchKey::Functionalize});
+  return at::GradMode::is_enabled() && vis_logits.requires_grad() && txt_logits.requires_grad() &&
+         vis_logits.is_cpu() && !vis_logits.key_set().has_any(traced) &&
+         !txt_logits.key_set().has_any(traced);
+#endif
+}
 
 void autograd_forward(const c10::OperatorHandle&, Stack* stack) {
   constexpr size_t kArgs = kForwardTensorArgs + kNumParams;
@@ -346,7 +303,8 @@ void autograd_forward(const c10::OperatorHandle&, Stack* stack) {
               "fused_tes_loss: target must not require grad, got a target that does: the loss "
               "has no gradient for it (pass target.detach())");
   auto out = TesLossFunction::apply(args[0].toTensor(), args[1].toTensor(), args[2].toTensor(),
-                                    c10::IValue(c10::ivalue::Tuple::create(params.vec())));
+                                    c10::IValue(c10::ivalue::Tuple::create(params.vec())),
+                                    takes_single_pass(args[0].toTensor(), args[1].toTensor()));
   torch::jit::drop(*stack, kArgs);
   torch::jit::push(*stack, std::move(out[0]), std::move(out[1]), std::move(out[2]));
 }
@@ -373,11 +331,19 @@ TORCH_LIBRARY(TESLOSS_LIBRARY, m) {
   m.def("tes_loss_backward(Tensor grad_loss, Tensor vis_logits, Tensor txt_logits, "
         "Tensor target, Tensor row_stats, Tensor batch_stats" TESLOSS_SCHEMA_PARAMS
         ") -> (Tensor grad_vis_logits, Tensor grad_txt_logits)");
+  // The forward and both gradients for an upstream gradient of 1, in one pass.
+  m.def("tes_loss_step(Tensor vis_logits, Tensor txt_logits, Tensor target"
+        TESLOSS_SCHEMA_PARAMS ") -> (Tensor loss, Tensor row_stats, Tensor batch_stats, "
+        "Tensor grad_vis_logits, Tensor grad_txt_logits)");
 }
 
 TORCH_LIBRARY_IMPL(TESLOSS_LIBRARY, Autograd, m) {
   m.impl("tes_loss_forward", torch::CppFunction::makeFromBoxedFunction<&autograd_forward>());
   m.impl("tes_loss_backward", torch::CppFunction::makeFromBoxedFunction<&autograd_backward>());
+  // The single pass is a forward and its gradients at once, for TesLossFunction
+  // to call below autograd: it has no derivative of its own to offer, so its
+  // outputs carry none.
+  m.impl("tes_loss_step", torch::CppFunction::makeFallthrough());
 }
 
 #define TESLOSS_BIND_KERNELS(key, forward, backward)                                      \
@@ -391,6 +357,10 @@ TORCH_LIBRARY_IMPL(TESLOSS_LIBRARY, Autograd, m) {
 TESLOSS_BIND_KERNELS(CPU, tes_loss_forward_cuda, tes_loss_backward_cuda)
 #else
 TESLOSS_BIND_KERNELS(CPU, tes_loss_forward_cpu, tes_loss_backward_cpu)
+TORCH_LIBRARY_IMPL(TESLOSS_LIBRARY, CPU, m) {
+  m.impl("tes_loss_step",
+         torch::CppFunction::makeFromBoxedFunction<&boxed_step<&tes_loss_step_cpu>>());
+}
 #ifdef WITH_CUDA
 TESLOSS_BIND_KERNELS(CUDA, tes_loss_forward_cuda, tes_loss_backward_cuda)
 #endif

@@ -153,6 +153,12 @@ if LOADED:
         batch_stats = vis_logits.new_empty((len(BATCH_STATS),), dtype=acc)
         return loss, row_stats, batch_stats
 
+    @torch.library.register_fake("tesloss::tes_loss_step")
+    def _step_fake(vis_logits, txt_logits, target, *params):
+        shape = vis_logits.shape
+        return (*_forward_fake(vis_logits, txt_logits, target, *params),
+                vis_logits.new_empty(shape), txt_logits.new_empty(shape))
+
     @torch.library.register_fake("tesloss::tes_loss_backward")
     def _backward_fake(grad_loss, vis_logits, txt_logits, target, row_stats, batch_stats, tau,
                        lambda_v, lambda_t, ignore_index, reduction, label_smoothing):

@@ -122,7 +122,8 @@ def build(folder):
     preload = os.environ.pop("LD_PRELOAD", None)
     try:
         path = load("tesloss_emulated",
-                    [os.path.join(CSRC, "ops.cpp"), os.path.join(EMULATOR, "emulator.cpp"),
+                    [os.path.join(CSRC, "ops.cpp"), os.path.join(CSRC, "tensors.cpp"),
+                     os.path.join(EMULATOR, "emulator.cpp"),
                      os.path.join(EMULATOR, "emulated_kernels.cpp")],
                     extra_include_paths=[os.path.join(EMULATOR, "include"), EMULATOR, CSRC],
                     extra_cflags=flags, extra_ldflags=["-Wl,-Bsymbolic", "-lstdc++"] + flags[3:],

@@ -45,6 +45,57 @@ const acc_t* row_probs(const RowInputs<scalar_t, acc_t>& in, int64_t i) {
   return kHasProbs<kTarget> ? in.probs + i * in.target_stride : nullptr;
 }
 
+// The batch's loss and parts from the row statistics, and the per-row losses
+// for reduction "none". The rows are summed in order, so results do not
+// depend on the thread count.
+template <int kTarget, typename scalar_t, typename acc_t>
+void sum_batch(const RowInputs<scalar_t, acc_t>& in, const ForwardTensors& t,
+               const Params& params) {
+  const acc_t* stats = t.row_stats.const_data_ptr<acc_t>();
+  const bool per_row = params.reduction == kReduceNone;
+  acc_t* loss = t.loss.mutable_data_ptr<acc_t>();
+  BatchSum sums[kNumBatchSums] = {};
+  int64_t num_valid = 0;
+  for (int64_t i = 0; i < in.B; ++i) {
+    const acc_t* row = stats + i * kNumRowStats;
+    if (per_row) loss[i] = row[kRowLoss];
+    if (is_ignored_row<kTarget>(row_label<kTarget, false>(in, i), in.p)) continue;
+    num_valid += 1;
+    add_row(sums, row);
+  }
+  batch_finalize(sums, num_valid, params.reduction, per_row ? nullptr : loss,
+                 t.batch_stats.mutable_data_ptr<acc_t>());
+}
+
+// The rows that count, before any row is taken: "mean"'s 1 / num_valid is in
+// every gradient the single pass writes. Labels out of range count here and
+// are refused as their row is taken.
+template <int kTarget, typename scalar_t, typename acc_t>
+int64_t count_valid(const RowInputs<scalar_t, acc_t>& in) {
+  if constexpr (kHasProbs<kTarget>) return in.B;
+  int64_t count = 0;
+  for (int64_t i = 0; i < in.B; ++i) {
+    count += !is_ignored_row<kTarget>(row_label<kTarget, false>(in, i), in.p);
+  }
+  return count;
+}
+
+// One row's backward sweep, or zeros for an ignored row.
+template <int kTarget, typename scalar_t, typename acc_t>
+void row_gradients(const RowInputs<scalar_t, acc_t>& in, int64_t i, int64_t label, bool ignored,
+                   const acc_t* stats, acc_t g, scalar_t* grad_vis, scalar_t* grad_txt) {
+  const int64_t C = in.C;
+  if (ignored) {
+    std::fill_n(grad_vis + i * C, C, scalar_t(0));
+    std::fill_n(grad_txt + i * C, C, scalar_t(0));
+    return;
+  }
+  cpu::backward_row<kTarget>(in.vis + i * in.vis_stride, in.txt + i * in.txt_stride,
+                             row_probs<kTarget>(in, i), C, label,
+                             grad_row<kTarget>(in.p, stats + i * kNumRowStats, g),
+                             grad_vis + i * C, grad_txt + i * C);
+}
+
 }  // namespace
 
 void tes_loss_forward_cpu(const ForwardTensors& t, const Params& params) {
@@ -53,8 +104,6 @@ void tes_loss_forward_cpu(const ForwardTensors& t, const Params& params) {
         using acc_t = acc_t_of<scalar_t>;
         const auto in = row_inputs<scalar_t, acc_t>(t, params);
         acc_t* stats = t.row_stats.mutable_data_ptr<acc_t>();
-        const bool per_row = params.reduction == kReduceNone;
-        acc_t* loss = t.loss.mutable_data_ptr<acc_t>();
         with_target_kind(t.target, params, [&](auto kind) {
           constexpr int kTarget = decltype(kind)::value;
           at::parallel_for(0, in.B, row_grain(in.C), [&](int64_t begin, int64_t end) {
@@ -71,19 +120,7 @@ void tes_loss_forward_cpu(const ForwardTensors& t, const Params& params) {
             }
           });
 
-          // The batch reduction runs over rows in order, so results do not
-          // depend on the thread count.
-          BatchSum sums[kNumBatchSums] = {};
-          int64_t num_valid = 0;
-          for (int64_t i = 0; i < in.B; ++i) {
-            const acc_t* row = stats + i * kNumRowStats;
-            if (per_row) loss[i] = row[kRowLoss];
-            if (is_ignored_row<kTarget>(row_label<kTarget, false>(in, i), in.p)) continue;
-            num_valid += 1;
-            add_row(sums, row);
-          }
-          batch_finalize(sums, num_valid, params.reduction, per_row ? nullptr : loss,
-                         t.batch_stats.mutable_data_ptr<acc_t>());
+          sum_batch<kTarget>(in, t, params);
         });
       });
 }
@@ -105,20 +142,48 @@ void tes_loss_backward_cpu(const BackwardTensors& t, const Params& params) {
           at::parallel_for(0, in.B, row_grain(C), [&](int64_t begin, int64_t end) {
             for (int64_t i = begin; i < end; ++i) {
               const int64_t label = row_label<kTarget>(in, i);
-              if (is_ignored_row<kTarget>(label, in.p)) {
-                std::fill_n(grad_vis + i * C, C, scalar_t(0));
-                std::fill_n(grad_txt + i * C, C, scalar_t(0));
-                continue;
-              }
               const acc_t g = row_upstream_grad(grad_loss, grad_stride, i, params.reduction,
                                                 num_valid);
-              cpu::backward_row<kTarget>(in.vis + i * in.vis_stride,
-                                         in.txt + i * in.txt_stride, row_probs<kTarget>(in, i),
-                                         C, label,
-                                         grad_row<kTarget>(in.p, stats + i * kNumRowStats, g),
-                                         grad_vis + i * C, grad_txt + i * C);
+              row_gradients<kTarget>(in, i, label, is_ignored_row<kTarget>(label, in.p), stats,
+                                     g, grad_vis, grad_txt);
             }
           });
+        });
+      });
+}
+
+// A training step's single pass: each row's forward sweep, then at once its
+// backward sweep, while the row is still in the caches, for an upstream
+// gradient of 1. The same row functions as the two passes, so the same bits.
+void tes_loss_step_cpu(const StepTensors& t, const Params& params) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, t.vis_logits.scalar_type(), "tes_loss_step_cpu", [&] {
+        using acc_t = acc_t_of<scalar_t>;
+        const auto in = row_inputs<scalar_t, acc_t>(t, params);
+        acc_t* stats = t.row_stats.mutable_data_ptr<acc_t>();
+        scalar_t* grad_vis = t.grad_vis.mutable_data_ptr<scalar_t>();
+        scalar_t* grad_txt = t.grad_txt.mutable_data_ptr<scalar_t>();
+        with_target_kind(t.target, params, [&](auto kind) {
+          constexpr int kTarget = decltype(kind)::value;
+          const acc_t one(1);
+          const acc_t num_valid = static_cast<acc_t>(count_valid<kTarget>(in));
+          at::parallel_for(0, in.B, row_grain(in.C), [&](int64_t begin, int64_t end) {
+            for (int64_t i = begin; i < end; ++i) {
+              const int64_t label = row_label<kTarget>(in, i);
+              acc_t* out = stats + i * kNumRowStats;
+              const bool ignored = is_ignored_row<kTarget>(label, in.p);
+              if (ignored) {
+                row_ignored(out);
+              } else {
+                cpu::forward_row<kTarget>(in.vis + i * in.vis_stride,
+                                          in.txt + i * in.txt_stride, row_probs<kTarget>(in, i),
+                                          in.C, label, in.p, out);
+              }
+              const acc_t g = row_upstream_grad(&one, 0, i, params.reduction, num_valid);
+              row_gradients<kTarget>(in, i, label, ignored, stats, g, grad_vis, grad_txt);
+            }
+          });
+          sum_batch<kTarget>(in, t, params);
         });
       });
 }
