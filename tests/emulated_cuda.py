@@ -24,7 +24,7 @@ import shutil
 
 import torch
 
-from tesloss import _build
+from tesloss import _build, _ops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EMULATOR = os.path.join(ROOT, "tests", "cuda_emulator")
@@ -53,6 +53,18 @@ class EmulatedCuda(str):
     def __new__(cls):
         return super().__new__(cls, "cpu")
 
+    # Not equal to "cpu": pytest reuses a session fixture's value when its new
+    # param == the cached one, so as a plain str subclass the emulated device
+    # took the CPU's cached value whenever its tests followed the CPU's, and
+    # ran the CPU kernels under the emulated device's name.
+    def __eq__(self, other):
+        return isinstance(other, EmulatedCuda)
+
+    def __ne__(self, other):
+        return not self == other
+
+    __hash__ = str.__hash__
+
 
 EMULATED_CUDA = EmulatedCuda()
 
@@ -74,6 +86,10 @@ class Emulator:
     def __init__(self, path):
         torch.ops.load_library(path)
         self.ops = torch.ops.tesloss_emulated
+        # The real op's fake kernels, so that torch.compile traces the emulated op too.
+        for op, fake in (("tes_loss_forward", _ops._forward_fake),
+                         ("tes_loss_backward", _ops._backward_fake)):
+            torch.library.register_fake(f"tesloss_emulated::{op}")(fake)
         self.lib = ctypes.CDLL(path)
         self.lib.tesloss_emulator_configure.argtypes = [ctypes.c_int64, ctypes.c_int64,
                                                         ctypes.c_int32, ctypes.c_uint64,
