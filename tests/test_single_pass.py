@@ -57,11 +57,11 @@ def test_an_upstream_gradient_other_than_one(device, dtype, reduction):
         return
     unit = two_passes(vis, txt, target, torch.ones_like(grad_loss), reduction=reduction)
     g = grad_loss.unsqueeze(1) if reduction == "none" else grad_loss
-    for got, at_one in zip((vis.grad, txt.grad), unit):  # multiplied in float, rounded once
+    # Multiplied in float, rounded once. The accuracy rule holds them as it holds
+    # the two passes: test_fused_loss and test_numerics draw upstream gradients
+    # other than 1.
+    for got, at_one in zip((vis.grad, txt.grad), unit):
         assert torch.equal(got, (at_one.float() * g).to(dtype))
-    for got, exact in zip((vis.grad, txt.grad), two):  # one rounding more than the two passes
-        assert torch.allclose(got.float(), exact.float(), rtol=4 * torch.finfo(dtype).eps,
-                              atol=0)
 
 
 def test_a_second_backward_of_a_retained_graph_gives_the_same_gradients(device):
