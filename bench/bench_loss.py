@@ -1,10 +1,11 @@
 #!/usr/bin/env python
 """Benchmark of the TeS loss: providers x shapes x dtypes x modes, checked, timed, written to CSV.
 
-Providers (bench/providers.py; the report names each): tesloss, the fused op; eager, the
-published recipe in plain PyTorch (tesloss.reference.tes_loss); torch_compile, that recipe
-compiled; liger, on CUDA, Liger-Kernel's losses composed into the TeS loss. A provider that
-cannot run here is skipped with a printed note.
+Providers (bench/providers.py; the report names each): tesloss, the fused op; two_pass, its
+raw forward and backward ops, the kernels before the single pass; eager, the published
+recipe in plain PyTorch (tesloss.reference.tes_loss); torch_compile, that recipe compiled;
+liger, on CUDA, Liger-Kernel's losses composed into the TeS loss. A provider that cannot run
+here is skipped with a printed note.
 
 Modes: forward (the loss call), backward (loss.backward(), the forward untimed), full (both).
 

@@ -118,6 +118,8 @@ ForwardTensors prepare_forward(const at::Tensor& vis_logits, const at::Tensor& t
                                const at::Tensor& target, const Params& p);
 // tensors: grad_loss, vis_logits, txt_logits, target, row_stats, batch_stats.
 BackwardTensors prepare_backward(c10::ArrayRef<c10::IValue> tensors, const Params& p);
+StepTensors prepare_step(const at::Tensor& vis_logits, const at::Tensor& txt_logits,
+                         const at::Tensor& target, const Params& p);
 
 // The accumulation dtype of logits of dtype t (params.h's acc_t_of).
 at::ScalarType acc_scalar_type(at::ScalarType t);

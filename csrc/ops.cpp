@@ -62,11 +62,8 @@ void boxed_step(const c10::OperatorHandle&, Stack* stack) {
   constexpr size_t kArgs = kForwardTensorArgs + kNumParams;
   const auto args = torch::jit::last(*stack, kArgs);
   const Params p = read_params(args.slice(kForwardTensorArgs), "tes_loss_step");
-  const at::Tensor& vis_logits = args[0].toTensor();
-  const at::Tensor& txt_logits = args[1].toTensor();
-  StepTensors t{prepare_forward(vis_logits, txt_logits, args[2].toTensor(), p),
-                at::empty(vis_logits.sizes(), vis_logits.options()),
-                at::empty(txt_logits.sizes(), txt_logits.options())};
+  const StepTensors t =
+      prepare_step(args[0].toTensor(), args[1].toTensor(), args[2].toTensor(), p);
   kernel(t, p);
   torch::jit::drop(*stack, kArgs);
   torch::jit::push(*stack, t.loss, t.row_stats, t.batch_stats, t.grad_vis, t.grad_txt);
@@ -244,19 +241,17 @@ class TesLossFunction : public torch::autograd::Function<TesLossFunction> {
       // multiplication in place (one more rounding), except in fp16, whose
       // gradients below 6e-8 underflowed at 1 where a GradScaler's g would
       // have kept them: there the backward takes its own pass.
-      if (ready && ready->get(0).scalar_type() != at::kHalf) {
-        at::AutoDispatchBelowADInplaceOrView below_autograd;
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      const bool unit = ready && is_one(grads[0]);
+      if (ready && (unit || ready->get(0).scalar_type() != at::kHalf)) {
         at::Tensor grad_vis = ready->get(0), grad_txt = ready->get(1);
-        ready.reset();
-        if (!is_one(grads[0])) {
+        if (!unit) {
           const at::Tensor g = grads[0].dim() == 1 ? grads[0].unsqueeze(1) : grads[0];
           grad_vis.mul_(g);
           grad_txt.mul_(g);
         }
         return {grad_vis, grad_txt, {}, {}, {}};
       }
-      if (ready && is_one(grads[0])) return {ready->get(0), ready->get(1), {}, {}, {}};
-      at::AutoDispatchBelowADInplaceOrView below_autograd;
       const Stack out = call_op(
           backward_op(), {grads[0], saved[0], saved[1], saved[2], saved[3], saved[4]}, params);
       return {out[0].toTensor(), out[1].toTensor(), {}, {}, {}};

@@ -93,6 +93,11 @@ void check_tau(const char* op, double tau, at::ScalarType dtype) {
               " logits (1 / tau must be finite in ", acc_scalar_type(dtype), "), got ", tau);
 }
 
+// A gradient buffer for logits: their shape and dtype, contiguous.
+at::Tensor gradient_for(const at::Tensor& logits) {
+  return at::empty(logits.sizes(), logits.options());
+}
+
 }  // namespace
 
 ForwardTensors prepare_forward(const at::Tensor& vis_logits, const at::Tensor& txt_logits,
@@ -131,8 +136,14 @@ BackwardTensors prepare_backward(c10::ArrayRef<c10::IValue> tensors, const Param
                          kernel_target(target, acc),
                          as_acc(row_stats).contiguous(),
                          as_acc(batch_stats).contiguous(),
-                         at::empty(vis_logits.sizes(), vis_logits.options()),
-                         at::empty(txt_logits.sizes(), txt_logits.options())};
+                         gradient_for(vis_logits),
+                         gradient_for(txt_logits)};
+}
+
+StepTensors prepare_step(const at::Tensor& vis_logits, const at::Tensor& txt_logits,
+                         const at::Tensor& target, const Params& p) {
+  return StepTensors{prepare_forward(vis_logits, txt_logits, target, p), gradient_for(vis_logits),
+                     gradient_for(txt_logits)};
 }
 
 }  // namespace tesloss

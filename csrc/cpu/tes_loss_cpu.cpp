@@ -80,6 +80,19 @@ int64_t count_valid(const RowInputs<scalar_t, acc_t>& in) {
   return count;
 }
 
+// One row's forward sweep into its statistics, or zeros for an ignored row.
+template <int kTarget, typename scalar_t, typename acc_t>
+void row_statistics(const RowInputs<scalar_t, acc_t>& in, int64_t i, int64_t label,
+                    bool ignored, acc_t* stats) {
+  acc_t* out = stats + i * kNumRowStats;
+  if (ignored) {
+    row_ignored(out);
+    return;
+  }
+  cpu::forward_row<kTarget>(in.vis + i * in.vis_stride, in.txt + i * in.txt_stride,
+                            row_probs<kTarget>(in, i), in.C, label, in.p, out);
+}
+
 // One row's backward sweep, or zeros for an ignored row.
 template <int kTarget, typename scalar_t, typename acc_t>
 void row_gradients(const RowInputs<scalar_t, acc_t>& in, int64_t i, int64_t label, bool ignored,
@@ -109,17 +122,9 @@ void tes_loss_forward_cpu(const ForwardTensors& t, const Params& params) {
           at::parallel_for(0, in.B, row_grain(in.C), [&](int64_t begin, int64_t end) {
             for (int64_t i = begin; i < end; ++i) {
               const int64_t label = row_label<kTarget>(in, i);
-              acc_t* out = stats + i * kNumRowStats;
-              if (is_ignored_row<kTarget>(label, in.p)) {
-                row_ignored(out);
-              } else {
-                cpu::forward_row<kTarget>(in.vis + i * in.vis_stride,
-                                          in.txt + i * in.txt_stride, row_probs<kTarget>(in, i),
-                                          in.C, label, in.p, out);
-              }
+              row_statistics<kTarget>(in, i, label, is_ignored_row<kTarget>(label, in.p), stats);
             }
           });
-
           sum_batch<kTarget>(in, t, params);
         });
       });
@@ -170,15 +175,8 @@ void tes_loss_step_cpu(const StepTensors& t, const Params& params) {
           at::parallel_for(0, in.B, row_grain(in.C), [&](int64_t begin, int64_t end) {
             for (int64_t i = begin; i < end; ++i) {
               const int64_t label = row_label<kTarget>(in, i);
-              acc_t* out = stats + i * kNumRowStats;
               const bool ignored = is_ignored_row<kTarget>(label, in.p);
-              if (ignored) {
-                row_ignored(out);
-              } else {
-                cpu::forward_row<kTarget>(in.vis + i * in.vis_stride,
-                                          in.txt + i * in.txt_stride, row_probs<kTarget>(in, i),
-                                          in.C, label, in.p, out);
-              }
+              row_statistics<kTarget>(in, i, label, ignored, stats);
               const acc_t g = row_upstream_grad(&one, 0, i, params.reduction, num_valid);
               row_gradients<kTarget>(in, i, label, ignored, stats, g, grad_vis, grad_txt);
             }
