@@ -1,14 +1,17 @@
 // The CPU kernels of the fused TeS loss: rows are spread over threads, each
-// row is one sweep of cpu/row_sweeps.h per pass, and the batch's sums are
-// taken over the rows in order.
+// row takes the sweeps of cpu/row_sweeps.h (forward) and cpu/grad_sweeps.h
+// (backward, single pass), and the batch's sums are taken over the rows in
+// order.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <type_traits>
+#include <vector>
 
 #include "batch_sum.h"
-#include "cpu/row_sweeps.h"
+#include "cpu/grad_sweeps.h"
 #include "kernels.h"
 #include "tes_loss.h"
 
@@ -157,9 +160,11 @@ void tes_loss_backward_cpu(const BackwardTensors& t, const Params& params) {
       });
 }
 
-// A training step's single pass: each row's forward sweep, then at once its
-// backward sweep, while the row is still in the caches, for an upstream
-// gradient of 1. The same row functions as the two passes, so the same bits.
+// A training step's single pass: each row's forward sweeps, then at once its
+// gradients, for an upstream gradient of 1, of the weights the forward took
+// (cpu/grad_sweeps.h's step_row). The same weights and formulas as the two
+// passes, so the same bits. The weights wait in the gradient rows where those
+// are acc_t, else in a scratch of the thread's.
 void tes_loss_step_cpu(const StepTensors& t, const Params& params) {
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, t.vis_logits.scalar_type(), "tes_loss_step_cpu", [&] {
@@ -172,13 +177,28 @@ void tes_loss_step_cpu(const StepTensors& t, const Params& params) {
           constexpr int kTarget = decltype(kind)::value;
           const acc_t one(1);
           const acc_t num_valid = static_cast<acc_t>(count_valid<kTarget>(in));
-          at::parallel_for(0, in.B, row_grain(in.C), [&](int64_t begin, int64_t end) {
+          const int64_t C = in.C;
+          constexpr bool kInPlace = std::is_same_v<scalar_t, acc_t>;
+          at::parallel_for(0, in.B, row_grain(C), [&](int64_t begin, int64_t end) {
+            std::vector<acc_t> scratch(kInPlace ? 0 : 2 * C);
             for (int64_t i = begin; i < end; ++i) {
               const int64_t label = row_label<kTarget>(in, i);
-              const bool ignored = is_ignored_row<kTarget>(label, in.p);
-              row_statistics<kTarget>(in, i, label, ignored, stats);
+              if (is_ignored_row<kTarget>(label, in.p)) {
+                row_statistics<kTarget>(in, i, label, true, stats);
+                row_gradients<kTarget>(in, i, label, true, stats, one, grad_vis, grad_txt);
+                continue;
+              }
               const acc_t g = row_upstream_grad(&one, 0, i, params.reduction, num_valid);
-              row_gradients<kTarget>(in, i, label, ignored, stats, g, grad_vis, grad_txt);
+              acc_t* w_vis = scratch.data();
+              acc_t* w_txt = w_vis + C;
+              if constexpr (kInPlace) {
+                w_vis = reinterpret_cast<acc_t*>(grad_vis + i * C);
+                w_txt = reinterpret_cast<acc_t*>(grad_txt + i * C);
+              }
+              cpu::step_row<kTarget>(in.vis + i * in.vis_stride, in.txt + i * in.txt_stride,
+                                     row_probs<kTarget>(in, i), C, label, in.p, g,
+                                     stats + i * kNumRowStats, w_vis, w_txt, grad_vis + i * C,
+                                     grad_txt + i * C);
             }
           });
           sum_batch<kTarget>(in, t, params);
