@@ -138,6 +138,12 @@ void tes_loss_step_cpu(const StepTensors& t, const Params& params);
 #if defined(WITH_CUDA) || defined(TESLOSS_CUDA_EMULATOR)
 void tes_loss_forward_cuda(const ForwardTensors& t, const Params& params);
 void tes_loss_backward_cuda(const BackwardTensors& t, const Params& params);
+void tes_loss_step_cuda(const StepTensors& t, const Params& params);
+// The single pass's gradients times the upstream gradient grad_loss (one
+// value, or one per row), in place, read on the device: rows whose value is
+// exactly 1 are not touched.
+void tes_scale_gradients_cuda(const at::Tensor& grad_vis, const at::Tensor& grad_txt,
+                              const at::Tensor& grad_loss);
 #endif
 
 }  // namespace tesloss

@@ -237,20 +237,9 @@ class TesLossFunction : public torch::autograd::Function<TesLossFunction> {
     const auto saved = ctx->get_saved_variables();
     const c10::IValue& params = ctx->saved_data["params"];
     if (!at::GradMode::is_enabled()) {  // a plain backward: no graph to record
-      // They were written for an upstream gradient of 1: another is a
-      // multiplication in place (one more rounding), except in fp16, whose
-      // gradients below 6e-8 underflowed at 1 where a GradScaler's g would
-      // have kept them: there the backward takes its own pass.
       at::AutoDispatchBelowADInplaceOrView below_autograd;
-      const bool unit = ready && is_one(grads[0]);
-      if (ready && (unit || ready->get(0).scalar_type() != at::kHalf)) {
-        at::Tensor grad_vis = ready->get(0), grad_txt = ready->get(1);
-        if (!unit) {
-          const at::Tensor g = grads[0].dim() == 1 ? grads[0].unsqueeze(1) : grads[0];
-          grad_vis.mul_(g);
-          grad_txt.mul_(g);
-        }
-        return {grad_vis, grad_txt, {}, {}, {}};
+      if (ready && scaled(ready->get(0), ready->get(1), grads[0])) {
+        return {ready->get(0), ready->get(1), {}, {}, {}};
       }
       const Stack out = call_op(
           backward_op(), {grads[0], saved[0], saved[1], saved[2], saved[3], saved[4]}, params);
@@ -264,27 +253,54 @@ class TesLossFunction : public torch::autograd::Function<TesLossFunction> {
  private:
   static constexpr const char* kGradients = "gradients";
 
-  // Whether every upstream gradient is exactly 1 (plain loss.backward()). Only
-  // for the single pass, which runs on the CPU: no device to wait for.
-  static bool is_one(const at::Tensor& g) {
-    return g.numel() == 1 ? g.item<double>() == 1.0 : at::all(g == 1).item<bool>();
+  // The single pass's gradients were written for an upstream gradient of 1:
+  // another is a multiplication in place (one more rounding). On a GPU it is
+  // read there (tes_scale_gradients_cuda; the single pass takes no fp16
+  // there). On the CPU, where reading it costs no wait, fp16 takes the
+  // backward's own pass instead (false) unless it is 1: its gradients below
+  // 6e-8 underflowed at 1 where a GradScaler's g would have kept them.
+  static bool scaled(const at::Tensor& grad_vis, const at::Tensor& grad_txt,
+                     const at::Tensor& g) {
+#if defined(TESLOSS_CUDA_EMULATOR)
+    tes_scale_gradients_cuda(grad_vis, grad_txt, g);
+    return true;
+#else
+#ifdef WITH_CUDA
+    if (grad_vis.is_cuda()) {
+      tes_scale_gradients_cuda(grad_vis, grad_txt, g);
+      return true;
+    }
+#endif
+    const bool unit =
+        g.numel() == 1 ? g.item<double>() == 1.0 : at::all(g == 1).item<bool>();
+    if (unit) return true;
+    if (grad_vis.scalar_type() == at::kHalf) return false;
+    const at::Tensor factor = g.dim() == 1 ? g.unsqueeze(1) : g;
+    grad_vis.mul_(factor);
+    grad_txt.mul_(factor);
+    return true;
+#endif
   }
 };
 
-// Whether this call's forward is the single pass: only where it has a kernel
-// (the CPU), only when both logits will get a gradient, and only for plain
-// tensors: tracing (torch.compile's fake and functional tensors) takes the two
-// passes, whose backward needs no value of the upstream gradient.
+// Whether this call's forward is the single pass: only when both logits will
+// get a gradient, and only for plain tensors: tracing (torch.compile's fake
+// and functional tensors) takes the two passes, whose backward needs no value
+// of the upstream gradient. On a GPU (and the emulated one) fp16 takes the two
+// passes: its backward could not tell a GradScaler's g from 1 without a wait.
 bool takes_single_pass(const at::Tensor& vis_logits, const at::Tensor& txt_logits) {
-#if defined(TESLOSS_CUDA_EMULATOR)
-  return false;
-#else
   const auto traced = c10::DispatchKeySet({c10::DispatchKey::Python,
                                            c10::DispatchKey::PythonTLSSnapshot,
                                            c10::DispatchKey::Functionalize});
-  return at::GradMode::is_enabled() && vis_logits.requires_grad() && txt_logits.requires_grad() &&
-         vis_logits.is_cpu() && !vis_logits.key_set().has_any(traced) &&
-         !txt_logits.key_set().has_any(traced);
+  if (!at::GradMode::is_enabled() || !vis_logits.requires_grad() ||
+      !txt_logits.requires_grad() || vis_logits.key_set().has_any(traced) ||
+      txt_logits.key_set().has_any(traced)) {
+    return false;
+  }
+#if defined(TESLOSS_CUDA_EMULATOR)
+  return vis_logits.scalar_type() != at::kHalf;
+#else
+  return vis_logits.is_cpu() || (vis_logits.is_cuda() && vis_logits.scalar_type() != at::kHalf);
 #endif
 }
 
@@ -341,23 +357,20 @@ TORCH_LIBRARY_IMPL(TESLOSS_LIBRARY, Autograd, m) {
   m.impl("tes_loss_step", torch::CppFunction::makeFallthrough());
 }
 
-#define TESLOSS_BIND_KERNELS(key, forward, backward)                                      \
+#define TESLOSS_BIND_KERNELS(key, forward, backward, step)                                \
   TORCH_LIBRARY_IMPL(TESLOSS_LIBRARY, key, m) {                                          \
     m.impl("tes_loss_forward",                                                           \
            torch::CppFunction::makeFromBoxedFunction<&boxed_forward<&forward>>());       \
     m.impl("tes_loss_backward",                                                          \
            torch::CppFunction::makeFromBoxedFunction<&boxed_backward<&backward>>());     \
+    m.impl("tes_loss_step", torch::CppFunction::makeFromBoxedFunction<&boxed_step<&step>>()); \
   }
 #if defined(TESLOSS_CUDA_EMULATOR)
-TESLOSS_BIND_KERNELS(CPU, tes_loss_forward_cuda, tes_loss_backward_cuda)
+TESLOSS_BIND_KERNELS(CPU, tes_loss_forward_cuda, tes_loss_backward_cuda, tes_loss_step_cuda)
 #else
-TESLOSS_BIND_KERNELS(CPU, tes_loss_forward_cpu, tes_loss_backward_cpu)
-TORCH_LIBRARY_IMPL(TESLOSS_LIBRARY, CPU, m) {
-  m.impl("tes_loss_step",
-         torch::CppFunction::makeFromBoxedFunction<&boxed_step<&tes_loss_step_cpu>>());
-}
+TESLOSS_BIND_KERNELS(CPU, tes_loss_forward_cpu, tes_loss_backward_cpu, tes_loss_step_cpu)
 #ifdef WITH_CUDA
-TESLOSS_BIND_KERNELS(CUDA, tes_loss_forward_cuda, tes_loss_backward_cuda)
+TESLOSS_BIND_KERNELS(CUDA, tes_loss_forward_cuda, tes_loss_backward_cuda, tes_loss_step_cuda)
 #endif
 #endif
 

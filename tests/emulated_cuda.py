@@ -11,7 +11,8 @@ says how each CUDA name is emulated). ops.cpp is compiled into the same library
 as `tesloss_emulated`, with the CUDA kernels bound to CPU tensors, so the
 emulated op has the real op's argument handling, autograd, launch shapes
 (chosen by tes_loss_cuda.cu for the emulated device's size) and kernels: the
-forward, the finish kernel's tree over the blocks' partials, and the backward.
+forward, the finish kernel's tree over the blocks' partials, the backward, and
+the single pass (its count of rows, its rows, and the backward's scaling).
 
 What it cannot see: timing and the memory model (a missing fence, a read of
 memory another block is writing), the GPU's own exp2 (ex2.approx: the emulator
@@ -88,6 +89,7 @@ class Emulator:
         self.ops = torch.ops.tesloss_emulated
         # The real op's fake kernels, so that torch.compile traces the emulated op too.
         for op, fake in (("tes_loss_forward", _ops._forward_fake),
+                         ("tes_loss_step", _ops._step_fake),
                          ("tes_loss_backward", _ops._backward_fake)):
             torch.library.register_fake(f"tesloss_emulated::{op}")(fake)
         self.lib = ctypes.CDLL(path)

@@ -155,9 +155,10 @@ def test_runs_on_the_inputs_device_not_the_current_one():
     torch.testing.assert_close(loss.double(), ref, rtol=TOLERANCES[torch.float32].rtol, atol=TOLERANCES[torch.float32].atol)
 
 
-def test_forward_and_backward_are_three_kernel_launches():
-    # The forward's row kernel and batch finish, then the backward's one kernel:
-    # no copies, casts, fills or host round trips at the benchmark's shape.
+def test_a_training_step_is_four_kernel_launches():
+    # The single pass's count of rows, its row kernel and batch finish, then the
+    # backward's scaling, which reads g = 1 and leaves: no copies, casts, fills
+    # or host round trips at the benchmark's shape.
     vis = torch.randn(256, 1000, device="cuda", requires_grad=True)
     txt = torch.rand(256, 1000, device="cuda", requires_grad=True)
     target = torch.randint(0, 1000, (256,), device="cuda")
@@ -173,9 +174,9 @@ def test_forward_and_backward_are_three_kernel_launches():
                if e.device_type == torch.autograd.DeviceType.CUDA]
     if not kernels:
         pytest.skip("the profiler recorded no CUDA activity here")
-    ours = ("tes_forward_kernel", "tes_finish_kernel", "tes_backward_kernel")
+    ours = ("tes_count_kernel", "tes_step_kernel", "tes_finish_kernel", "tes_scale_kernel")
     counts = {kernel: sum(kernel in name for name in kernels) for kernel in ours}
-    assert len(kernels) == 3 and all(n == 1 for n in counts.values()), kernels
+    assert len(kernels) == 4 and all(n == 1 for n in counts.values()), kernels
 
 
 _BAD_LABEL_SCRIPT = textwrap.dedent("""

@@ -1,17 +1,23 @@
 // The CUDA kernels of the fused TeS loss and their launches. The formulas come
-// from ../tes_loss.h and which thread reads which columns from schedules.cuh;
-// this file adds the GPU's part: the merge of a row group's states, the batch
-// sums, and the launch shapes.
+// from ../tes_loss.h, which thread reads which columns from schedules.cuh, and
+// how a row group's threads merge and a block sums its rows from
+// row_groups.cuh; this file adds the kernels and the launch shapes.
 //
 // Forward: a group of TPR threads owns a row. Each thread keeps online-softmax
-// statistics of the columns it reads, the group merges them in a fixed order
-// (shuffles, then shared memory across warps), and the group's first thread
-// finalizes the row. Every block also sums its rows in a fixed order into one
-// partial; a one-block kernel sums the partials in a fixed tree and finalizes
-// the batch. No floating-point atomics, so results are bitwise the same on
-// every run on one device.
+// statistics of the columns it reads, the group merges them in a fixed order,
+// and the group's first thread finalizes the row. Every block also sums its
+// rows in a fixed order into one partial; a one-block kernel sums the partials
+// in a fixed tree and finalizes the batch. No floating-point atomics, so
+// results are bitwise the same on every run on one device.
 //
 // Backward: the same groups read each row once and write both gradients once.
+//
+// Single pass (a training step): the forward's kernel, in which each group,
+// once its row is finished, reads the row again (from L2, where the forward's
+// read left it) and writes both gradients for an upstream gradient of 1; the
+// count of rows that are not ignored, "mean"'s divisor, is taken on the device
+// first. The backward then scales them on the device, and leaves them as they
+// are where the upstream gradient is 1.
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -24,6 +30,7 @@
 #include <type_traits>
 
 #include "cuda/launch_shapes.h"
+#include "cuda/row_groups.cuh"
 #include "cuda/schedules.cuh"
 #include "batch_sum.h"
 #include "kernels.h"
@@ -32,140 +39,53 @@
 namespace tesloss {
 namespace {
 
-// Lane ^ lane_mask's state: the fields the target's kind keeps, and nothing
-// for the others.
-template <int kTarget, typename acc_t>
-__device__ __forceinline__ RowState<acc_t> shfl_xor_state(const RowState<acc_t>& s, int lane_mask,
-                                                          int width) {
-  const auto from = [&](acc_t x) { return __shfl_xor_sync(0xffffffffu, x, lane_mask, width); };
-  RowState<acc_t> out = row_state_empty<acc_t>();
-  out.max_vis = from(s.max_vis);
-  out.sum_vis = from(s.sum_vis);
-  out.max_txt = from(s.max_txt);
-  out.sum_txt = from(s.sum_txt);
-  out.gap_vis = from(s.gap_vis);
-  out.gap_txt = from(s.gap_txt);
-  if constexpr (kHasUniform<kTarget>) {
-    out.count = from(s.count);
-    out.uni_vis = from(s.uni_vis);
-    out.uni_txt = from(s.uni_txt);
-  }
-  if constexpr (kHasProbs<kTarget>) {
-    out.mass = from(s.mass);
-    out.y_vis = from(s.y_vis);
-    out.y_txt = from(s.y_txt);
-  }
-  return out;
-}
-
-// Merges the states of kLanes consecutive lanes; every lane of the warp must
-// call it, whatever its row.
-template <int kTarget, typename acc_t, int kLanes>
-__device__ __forceinline__ RowState<acc_t> lanes_merge(RowState<acc_t> state, const RowParams<acc_t>& p) {
-#pragma unroll
-  for (int lane_mask = kLanes / 2; lane_mask > 0; lane_mask /= 2) {
-    state = row_state_merge<kTarget>(state, shfl_xor_state<kTarget>(state, lane_mask, kLanes), p);
-  }
-  return state;
-}
-
-// The merged state of a row group's TPR threads, in thread t = 0: shuffles
-// within each warp, then, for a row of several warps, the warps' states in
-// order through shared memory. Every thread of the block must call it.
-template <int kTarget, typename acc_t, int TPR, int RPB>
-__device__ __forceinline__ RowState<acc_t> group_merge(RowState<acc_t> state, int group, int t,
-                                                       const RowParams<acc_t>& p) {
-  static_assert(TPR <= 32 ? 32 % TPR == 0 : TPR % 32 == 0, "a row's threads tile warps");
-  if constexpr (TPR <= 32) {
-    return lanes_merge<kTarget, acc_t, TPR>(state, p);
-  } else {
-    constexpr int kWarpsPerRow = TPR / 32;
-    __shared__ RowState<acc_t> warp_states[RPB][kWarpsPerRow];
-    state = lanes_merge<kTarget, acc_t, 32>(state, p);
-    __syncthreads();  // the previous row's states have been read
-    if (t % 32 == 0) warp_states[group][t / 32] = state;
-    __syncthreads();
-    if (t == 0) {
-      state = warp_states[group][0];
-#pragma unroll
-      for (int w = 1; w < kWarpsPerRow; ++w) {
-        state = row_state_merge<kTarget>(state, warp_states[group][w], p);
-      }
-    }
-    return state;
-  }
-}
-
-// What each block leaves for the finish kernel: its rows' sums and the count
-// of its rows that are not ignored.
-struct BlockPartial {
-  BatchSum sums[kNumBatchSums];
-  long long count;
-
-  __device__ void add(const BlockPartial& other) {
-#pragma unroll
-    for (int k = 0; k < kNumBatchSums; ++k) sums[k].add(other.sums[k]);
-    count += other.count;
-  }
-};
-
 template <typename scalar_t, typename acc_t>
-struct ForwardArgs : RowInputs<scalar_t, acc_t> {
-  acc_t* row_stats;  // [B, kNumRowStats]
-  acc_t* loss_rows;  // [B] for reduction "none", else null
-  BlockPartial* partials;  // [gridDim.x]
+struct StepArgs : ForwardArgs<scalar_t, acc_t> {
+  const acc_t* num_valid;  // one value, tes_count_kernel's
+  int64_t reduction;
+  scalar_t* grad_vis;  // [B, C], contiguous
+  scalar_t* grad_txt;
 };
 
-// Thread 0's part of a merged row: its statistics, its loss for reduction
-// "none", and, unless it is ignored, its share of the group's sums.
-template <int kTarget, typename scalar_t, typename acc_t>
-__device__ __forceinline__ void finish_row(const ForwardArgs<scalar_t, acc_t>& a, int64_t row,
-                                           bool work, bool ignored, const RowState<acc_t>& state,
-                                           acc_t z_label, acc_t t_label, BlockPartial& part) {
-  acc_t out[kNumRowStats];
-  if (work) {
-    row_finalize<kTarget>(state, z_label, t_label, a.p, out);
-  } else if (ignored) {
-    row_ignored(out);
-  } else {  // a bad label, reached only where kernel asserts are compiled out
-#pragma unroll
-    for (int k = 0; k < kNumRowStats; ++k) out[k] = std::numeric_limits<acc_t>::quiet_NaN();
+// Thread t's share of a row's gradients for upstream gradient g, from the
+// row's statistics; an ignored row's are zeros, and its logits are not read.
+template <int kTarget, typename scalar_t, typename acc_t, int TPR>
+__device__ __forceinline__ void write_row_grads(const RowInputs<scalar_t, acc_t>& a,
+                                                const acc_t* row_stats, int64_t row,
+                                                int64_t label, acc_t g, int t,
+                                                scalar_t* grad_vis, scalar_t* grad_txt) {
+  const int C = static_cast<int>(a.C);
+  scalar_t* grad_vis_row = grad_vis + row * C;
+  scalar_t* grad_txt_row = grad_txt + row * C;
+  if (is_ignored_row<kTarget>(label, a.p)) {
+    thread_row_zero<scalar_t, TPR>(grad_vis_row, grad_txt_row, C, t);
+    return;
   }
-  acc_t* stats = a.row_stats + row * kNumRowStats;
-#pragma unroll
-  for (int k = 0; k < kNumRowStats; ++k) stats[k] = out[k];
-  if (a.loss_rows != nullptr) a.loss_rows[row] = out[kRowLoss];
-  if (!ignored) {
-    add_row(part.sums, out);
-    part.count += 1;
-  }
-}
-
-// Writes the block's partial: its row groups' sums, added in group order.
-template <int RPB>
-__device__ __forceinline__ void write_block_partial(const BlockPartial& part, int group, int t,
-                                                    BlockPartial* partials) {
-  __shared__ BlockPartial group_parts[RPB];
-  if (t == 0) group_parts[group] = part;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    BlockPartial block = group_parts[0];
-    for (int g = 1; g < RPB; ++g) block.add(group_parts[g]);
-    partials[blockIdx.x] = block;
-  }
+  thread_row_grad<kTarget, scalar_t, acc_t, TPR>(
+      a.vis + row * a.vis_stride, a.txt + row * a.txt_stride,
+      kHasProbs<kTarget> ? a.probs + row * a.target_stride : nullptr, grad_vis_row, grad_txt_row,
+      C, t, label, grad_row<kTarget>(a.p, row_stats + row * kNumRowStats, g));
 }
 
 // TPR threads per row, RPB rows per block. The loop over rows runs the same
 // number of times in every thread of a block, so the barriers and shuffles of
 // the merge are reached by all of them, rows past the end and ignored rows too.
-template <int kTarget, typename scalar_t, typename acc_t, int TPR, int RPB>
-__global__ void __launch_bounds__(TPR * RPB)
-    tes_forward_kernel(const ForwardArgs<scalar_t, acc_t> a) {
+// With kStep (the single pass), each row's gradients follow at once, once
+// thread 0 has written its statistics.
+template <bool kStep, int kTarget, typename scalar_t, typename acc_t, int TPR, int RPB>
+__device__ __forceinline__ void forward_rows(const StepArgs<scalar_t, acc_t>& a) {
   constexpr bool kProbs = kHasProbs<kTarget>;
   const int group = threadIdx.x / TPR;
   const int t = threadIdx.x % TPR;
   const int C = static_cast<int>(a.C);  // at most kMaxColumns (check_columns)
-  BlockPartial part = {};  // sums over this row group's rows, in row order
+  // The sums over this row group's rows, in row order, in shared memory: in
+  // registers, held across the row loop, they cost the single pass's gradient
+  // sweep 26 registers (spills).
+  __shared__ BlockPartial group_parts[RPB];
+  BlockPartial& part = group_parts[group];
+  if (t == 0) part = BlockPartial{};
+  acc_t one = 1;
+  const acc_t num_valid = kStep ? *a.num_valid : acc_t(0);
 
   for (int64_t first_row = int64_t(blockIdx.x) * RPB; first_row < a.B;
        first_row += int64_t(gridDim.x) * RPB) {
@@ -198,34 +118,28 @@ __global__ void __launch_bounds__(TPR * RPB)
     if (active && t == 0) {
       finish_row<kTarget>(a, row, work, ignored, state, z_label, t_label, part);
     }
+    if constexpr (kStep) {
+      __syncthreads();  // thread 0's statistics are written and seen
+      if (active) {
+        const acc_t g = row_upstream_grad(&one, 0, row, a.reduction, num_valid);
+        write_row_grads<kTarget, scalar_t, acc_t, TPR>(a, a.row_stats, row, label, g, t,
+                                                       a.grad_vis, a.grad_txt);
+      }
+    }
   }
-  write_block_partial<RPB>(part, group, t, a.partials);
+  write_block_partial<RPB>(group_parts, a.partials);
 }
 
-constexpr int kFinishThreads = 256;
+template <int kTarget, typename scalar_t, typename acc_t, int TPR, int RPB>
+__global__ void __launch_bounds__(TPR * RPB)
+    tes_forward_kernel(const StepArgs<scalar_t, acc_t> a) {
+  forward_rows<false, kTarget, scalar_t, acc_t, TPR, RPB>(a);
+}
 
-// Adds the forward's per-block partials in a fixed tree and writes the loss
-// (for "mean" and "sum") and batch_stats. The row count is an integer, so it
-// is exact for any batch.
-template <typename acc_t>
-__global__ void __launch_bounds__(kFinishThreads)
-    tes_finish_kernel(const BlockPartial* __restrict__ partials, int num_partials,
-                      int64_t reduction, acc_t* __restrict__ loss,
-                      acc_t* __restrict__ batch_stats) {
-  __shared__ BlockPartial tree[kFinishThreads];
-  const int tid = threadIdx.x;
-  BlockPartial sum = {};
-  for (int i = tid; i < num_partials; i += kFinishThreads) sum.add(partials[i]);
-  tree[tid] = sum;
-  __syncthreads();
-  for (int half = kFinishThreads / 2; half > 0; half /= 2) {
-    if (tid < half) tree[tid].add(tree[tid + half]);
-    __syncthreads();
-  }
-  if (tid == 0) {
-    batch_finalize(tree[0].sums, static_cast<int64_t>(tree[0].count), reduction,
-                   reduction == kReduceNone ? nullptr : loss, batch_stats);
-  }
+template <int kTarget, typename scalar_t, typename acc_t, int TPR, int RPB>
+__global__ void __launch_bounds__(TPR * RPB)
+    tes_step_kernel(const StepArgs<scalar_t, acc_t> a) {
+  forward_rows<true, kTarget, scalar_t, acc_t, TPR, RPB>(a);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -255,17 +169,31 @@ __global__ void __launch_bounds__(TPR * RPB)
     if (!kProbs && t == 0) {
       CUDA_KERNEL_ASSERT(is_ignored(label, a.p) || is_valid_label<acc_t>(label, C));
     }
-    scalar_t* grad_vis_row = a.grad_vis + row * C;
-    scalar_t* grad_txt_row = a.grad_txt + row * C;
-    if (is_ignored_row<kTarget>(label, a.p)) {
-      thread_row_zero<scalar_t, TPR>(grad_vis_row, grad_txt_row, C, t);
-      continue;
-    }
     const acc_t g = row_upstream_grad(a.grad_loss, a.grad_stride, row, a.reduction, num_valid);
-    thread_row_grad<kTarget, scalar_t, acc_t, TPR>(
-        a.vis + row * a.vis_stride, a.txt + row * a.txt_stride,
-        kProbs ? a.probs + row * a.target_stride : nullptr, grad_vis_row, grad_txt_row, C, t,
-        label, grad_row<kTarget>(a.p, a.row_stats + row * kNumRowStats, g));
+    write_row_grads<kTarget, scalar_t, acc_t, TPR>(a, a.row_stats, row, label, g, t, a.grad_vis,
+                                                   a.grad_txt);
+  }
+}
+
+constexpr int kScaleThreads = 256;
+
+// The single pass's gradients times the upstream gradient g, in place, row by
+// row (g's stride is 0 for "mean" and "sum": one g for the batch); a row whose g is exactly 1, as in a plain
+// loss.backward(), is left as it is, so that a scalar g of 1 costs one read
+// per block. Each product is formed in acc_t and rounded once.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kScaleThreads)
+    tes_scale_kernel(const acc_t* __restrict__ g, int64_t g_stride, int64_t B, int64_t C,
+                     scalar_t* __restrict__ grad_vis, scalar_t* __restrict__ grad_txt) {
+  if (g_stride == 0 && g[0] == acc_t(1)) return;
+  for (int64_t row = blockIdx.x; row < B; row += gridDim.x) {
+    const acc_t factor = g[row * g_stride];
+    if (factor == acc_t(1)) continue;
+    for (int64_t col = threadIdx.x; col < C; col += kScaleThreads) {
+      const int64_t k = row * C + col;
+      grad_vis[k] = static_cast<scalar_t>(static_cast<acc_t>(grad_vis[k]) * factor);
+      grad_txt[k] = static_cast<scalar_t>(static_cast<acc_t>(grad_txt[k]) * factor);
+    }
   }
 }
 
@@ -295,9 +223,10 @@ void launch(int blocks, int threads, cudaStream_t stream, const Args&... args) {
 }
 #endif
 
-}  // namespace
-
-void tes_loss_forward_cuda(const ForwardTensors& t, const Params& params) {
+// The forward's launches, or with kStep (t is then StepTensors) the single
+// pass's: the count of rows that count, the rows, the finish kernel.
+template <bool kStep, typename Tensors>
+void launch_forward(const Tensors& t, const Params& params) {
   check_columns("fused_tes_loss", t.vis_logits);
   const c10::cuda::CUDAGuard device_guard(t.vis_logits.device());
   const int64_t B = t.vis_logits.size(0);
@@ -310,10 +239,26 @@ void tes_loss_forward_cuda(const ForwardTensors& t, const Params& params) {
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, t.vis_logits.scalar_type(), "tes_loss_forward_cuda", [&] {
         using acc_t = acc_t_of<scalar_t>;
-        ForwardArgs<scalar_t, acc_t> args{row_inputs<scalar_t, acc_t>(t, params)};
-        args.row_stats = t.row_stats.mutable_data_ptr<acc_t>();
-        args.loss_rows = per_row ? t.loss.mutable_data_ptr<acc_t>() : nullptr;
+        StepArgs<scalar_t, acc_t> args{{row_inputs<scalar_t, acc_t>(t, params)}};
+        args.row_stats = t.row_stats.template mutable_data_ptr<acc_t>();
+        args.loss_rows = per_row ? t.loss.template mutable_data_ptr<acc_t>() : nullptr;
         args.partials = nullptr;
+        args.num_valid = nullptr;
+        args.reduction = params.reduction;
+        args.grad_vis = nullptr;
+        args.grad_txt = nullptr;
+        at::Tensor num_valid;  // one acc_t, on the device
+        if constexpr (kStep) {
+          args.grad_vis = t.grad_vis.template mutable_data_ptr<scalar_t>();
+          args.grad_txt = t.grad_txt.template mutable_data_ptr<scalar_t>();
+          num_valid = at::empty({1}, t.row_stats.options());
+          args.num_valid = num_valid.template const_data_ptr<acc_t>();
+          if (B > 0) {
+            launch<tes_count_kernel<acc_t>>(1, kFinishThreads, stream, args.labels,
+                                            args.target_stride, B, args.p.ignore_index,
+                                            num_valid.template mutable_data_ptr<acc_t>());
+          }
+        }
 
         int num_partials = 0;
         at::Tensor partials;  // bytes holding num_partials BlockPartials
@@ -327,14 +272,49 @@ void tes_loss_forward_cuda(const ForwardTensors& t, const Params& params) {
                                  t.row_stats.options().dtype(at::kByte));
             if (num_partials == 0) return;  // B == 0: the finish kernel alone gives the empty sums
             args.partials = reinterpret_cast<BlockPartial*>(partials.mutable_data_ptr());
-            launch<tes_forward_kernel<kTarget, scalar_t, acc_t, TPR, RPB>>(
-                num_partials, TPR * RPB, stream, args);
+            if constexpr (kStep) {
+              launch<tes_step_kernel<kTarget, scalar_t, acc_t, TPR, RPB>>(
+                  num_partials, TPR * RPB, stream, args);
+            } else {
+              launch<tes_forward_kernel<kTarget, scalar_t, acc_t, TPR, RPB>>(
+                  num_partials, TPR * RPB, stream, args);
+            }
           });
         });
         launch<tes_finish_kernel<acc_t>>(1, kFinishThreads, stream, args.partials, num_partials,
                                          params.reduction,
-                                         per_row ? nullptr : t.loss.mutable_data_ptr<acc_t>(),
-                                         t.batch_stats.mutable_data_ptr<acc_t>());
+                                         per_row ? nullptr : t.loss.template mutable_data_ptr<acc_t>(),
+                                         t.batch_stats.template mutable_data_ptr<acc_t>());
+      });
+}
+
+}  // namespace
+
+void tes_loss_forward_cuda(const ForwardTensors& t, const Params& params) {
+  launch_forward<false>(t, params);
+}
+
+void tes_loss_step_cuda(const StepTensors& t, const Params& params) {
+  launch_forward<true>(t, params);
+}
+
+void tes_scale_gradients_cuda(const at::Tensor& grad_vis, const at::Tensor& grad_txt,
+                              const at::Tensor& grad_loss) {
+  const int64_t B = grad_vis.size(0);
+  const int64_t C = grad_vis.size(1);
+  if (B == 0 || C == 0) return;
+  const c10::cuda::CUDAGuard device_guard(grad_vis.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const DeviceSize device = current_device_size();
+  const int blocks = static_cast<int>(
+      std::min<int64_t>(B, int64_t(device.sm_count) * device.threads_per_sm / kScaleThreads));
+  const int64_t g_stride = grad_loss.dim() == 1 ? grad_loss.stride(0) : 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, grad_vis.scalar_type(), "tes_scale_gradients_cuda", [&] {
+        using acc_t = acc_t_of<scalar_t>;
+        launch<tes_scale_kernel<scalar_t, acc_t>>(
+            blocks, kScaleThreads, stream, grad_loss.const_data_ptr<acc_t>(), g_stride, B, C,
+            grad_vis.mutable_data_ptr<scalar_t>(), grad_txt.mutable_data_ptr<scalar_t>());
       });
 }
 

@@ -18,13 +18,23 @@ namespace tesloss {
 namespace {
 
 // The memory a kernel's arguments write and nothing else reads: the backward's
-// gradients, [B, C] each.
+// and the single pass's gradients, [B, C] each.
 template <typename T>
 void add_watched(std::vector<tesloss_emulator::WatchedMemory>&, const T&) {}
 
 template <typename scalar_t, typename acc_t>
 void add_watched(std::vector<tesloss_emulator::WatchedMemory>& watched,
                  const BackwardArgs<scalar_t, acc_t>& a) {
+  for (scalar_t* grad : {a.grad_vis, a.grad_txt}) {
+    watched.push_back({grad, a.B * a.C, int64_t(sizeof(scalar_t))});
+  }
+}
+
+// The single pass's gradients (the forward's launch passes none).
+template <typename scalar_t, typename acc_t>
+void add_watched(std::vector<tesloss_emulator::WatchedMemory>& watched,
+                 const StepArgs<scalar_t, acc_t>& a) {
+  if (a.grad_vis == nullptr) return;
   for (scalar_t* grad : {a.grad_vis, a.grad_txt}) {
     watched.push_back({grad, a.B * a.C, int64_t(sizeof(scalar_t))});
   }
