@@ -147,3 +147,18 @@ def test_opcheck_the_single_pass_op(device, reduction, dtype, probs, eps):
     params = raw_params(reduction=reduction, label_smoothing=eps)
     torch.library.opcheck(conftest.RAW_OPS.tes_loss_step.default, (vis, txt, target), params)
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gradients_too_large_for_the_caches_are_the_same_bits(dtype):
+    # Past 16 MB of gradients the CPU kernels store them past the caches, after a
+    # head of columns that aligns each row (odd C: every row its own head); the
+    # bits are those of a batch small enough to be stored plainly.
+    vis, txt, target = problem(b=200, c=21001, dtype=dtype)
+    kwargs = dict(reduction="sum")
+    tesloss.fused_tes_loss(vis, txt, target, **kwargs).backward()
+    rows = slice(0, 7)
+    few = [x[rows].detach().clone().requires_grad_() for x in (vis, txt)]
+    tesloss.fused_tes_loss(*few, target[rows], **kwargs).backward()
+    assert torch.equal(vis.grad[rows], few[0].grad) and torch.equal(txt.grad[rows], few[1].grad)
+    two = two_passes(vis, txt, target, torch.ones(()), **kwargs)
+    assert torch.equal(vis.grad, two[0]) and torch.equal(txt.grad, two[1])

@@ -96,6 +96,17 @@ void row_statistics(const RowInputs<scalar_t, acc_t>& in, int64_t i, int64_t lab
                             row_probs<kTarget>(in, i), in.C, label, in.p, out);
 }
 
+// Whether the gradients go past the caches (cpu/vec_io.h's store_streaming):
+// where both together are larger than kStreamAbove, about a server's last
+// level cache, they would not be read back from the caches anyway. Measured
+// in docs/DESIGN.md ("The single pass").
+inline constexpr int64_t kStreamAbove = int64_t(16) << 20;
+
+template <typename scalar_t, typename acc_t>
+bool streams(const RowInputs<scalar_t, acc_t>& in) {
+  return 2 * in.B * in.C * int64_t(sizeof(scalar_t)) > kStreamAbove;
+}
+
 // One row's backward sweep, or zeros for an ignored row.
 template <int kTarget, typename scalar_t, typename acc_t>
 void row_gradients(const RowInputs<scalar_t, acc_t>& in, int64_t i, int64_t label, bool ignored,
@@ -109,7 +120,7 @@ void row_gradients(const RowInputs<scalar_t, acc_t>& in, int64_t i, int64_t labe
   cpu::backward_row<kTarget>(in.vis + i * in.vis_stride, in.txt + i * in.txt_stride,
                              row_probs<kTarget>(in, i), C, label,
                              grad_row<kTarget>(in.p, stats + i * kNumRowStats, g),
-                             grad_vis + i * C, grad_txt + i * C);
+                             grad_vis + i * C, grad_txt + i * C, streams(in));
 }
 
 }  // namespace
@@ -164,7 +175,7 @@ void tes_loss_backward_cpu(const BackwardTensors& t, const Params& params) {
 // gradients, for an upstream gradient of 1, of the weights the forward took
 // (cpu/grad_sweeps.h's step_row). The same weights and formulas as the two
 // passes, so the same bits. The weights wait in the gradient rows where those
-// are acc_t, else in a scratch of the thread's.
+// are acc_t and not streamed, else in a scratch of the thread's.
 void tes_loss_step_cpu(const StepTensors& t, const Params& params) {
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, t.vis_logits.scalar_type(), "tes_loss_step_cpu", [&] {
@@ -178,9 +189,10 @@ void tes_loss_step_cpu(const StepTensors& t, const Params& params) {
           const acc_t one(1);
           const acc_t num_valid = static_cast<acc_t>(count_valid<kTarget>(in));
           const int64_t C = in.C;
-          constexpr bool kInPlace = std::is_same_v<scalar_t, acc_t>;
+          const bool stream = streams(in);
+          const bool in_place = std::is_same_v<scalar_t, acc_t> && !stream;
           at::parallel_for(0, in.B, row_grain(C), [&](int64_t begin, int64_t end) {
-            std::vector<acc_t> scratch(kInPlace ? 0 : 2 * C);
+            std::vector<acc_t> scratch(in_place ? 0 : 2 * C);
             for (int64_t i = begin; i < end; ++i) {
               const int64_t label = row_label<kTarget>(in, i);
               if (is_ignored_row<kTarget>(label, in.p)) {
@@ -191,14 +203,14 @@ void tes_loss_step_cpu(const StepTensors& t, const Params& params) {
               const acc_t g = row_upstream_grad(&one, 0, i, params.reduction, num_valid);
               acc_t* w_vis = scratch.data();
               acc_t* w_txt = w_vis + C;
-              if constexpr (kInPlace) {
+              if (in_place) {
                 w_vis = reinterpret_cast<acc_t*>(grad_vis + i * C);
                 w_txt = reinterpret_cast<acc_t*>(grad_txt + i * C);
               }
               cpu::step_row<kTarget>(in.vis + i * in.vis_stride, in.txt + i * in.txt_stride,
                                      row_probs<kTarget>(in, i), C, label, in.p, g,
                                      stats + i * kNumRowStats, w_vis, w_txt, grad_vis + i * C,
-                                     grad_txt + i * C);
+                                     grad_txt + i * C, stream);
             }
           });
           sum_batch<kTarget>(in, t, params);
