@@ -237,7 +237,7 @@ def test_what_random_draws_found(device, found):
 
 
 @pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="open: a weight taken subnormal before a large factor (regimes.py)")
+                   reason="open findings, each with its cause in regimes.py")
 @pytest.mark.parametrize("found", OPEN_FINDINGS)
 def test_what_random_draws_found_that_is_not_fixed_yet(device, found):
     dtype, drawn = OPEN_FINDINGS[found]
