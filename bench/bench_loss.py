@@ -23,9 +23,9 @@ why it measures as it does.
 
 Bytes model, the least traffic any implementation needs, with E the logits' element size:
 forward reads both logits (2*B*C*E), backward reads both and writes both gradients (4*B*C*E),
-full is the sum (6*B*C*E); a probability target adds one read of its B*C*T bytes to the
-forward and one to the backward (T its element size); class indices and O(B) statistics are
-left out.
+full reads both and writes both gradients once (4*B*C*E, the single pass; two passes move
+6*B*C*E); a probability target adds one read of its B*C*T bytes to each (T its element
+size); class indices and O(B) statistics are left out.
 
 Results are appended to bench/out/bench_<device>.csv (not tracked). With --record they go to
 bench/results/bench_<device>.csv instead, with the printed report in
@@ -62,8 +62,8 @@ CPU_SHAPES = [(256, 100), (256, 1000), (1024, 1000), (256, 21843)]  # CIFAR-100,
 CUDA_SHAPES = [(256, 1000), (4096, 16384), (8192, 32768), (256, 100), (1024, 1000),
                (256, 21843)]
 QUICK_SHAPES = [(256, 1000)]
-ELEMENT_PASSES = {"forward": 2, "backward": 4, "full": 6}  # [B, C] passes of the bytes model
-TARGET_PASSES = {"forward": 1, "backward": 1, "full": 2}  # of a probability target
+ELEMENT_PASSES = {"forward": 2, "backward": 4, "full": 4}  # [B, C] passes of the bytes model
+TARGET_PASSES = {"forward": 1, "backward": 1, "full": 1}  # of a probability target
 TARGET_FORMS = ("index", "smoothed", "mixup")
 MIXUP_LAMBDA = 0.7
 
@@ -322,8 +322,9 @@ def run(args):
     for name in args.providers:
         print(f"provider {name}: {prov.DESCRIPTIONS[name]}")
     print("bytes model: forward reads vis and txt (2*B*C elements), backward reads both and "
-          "writes both gradients (4*B*C), full = 6*B*C; a probability target adds a read of "
-          "its B*C elements to the forward and to the backward; GB/s = bytes / median time")
+          "writes both gradients (4*B*C), full = 4*B*C (the single pass: each read and "
+          "written once); a probability target adds a read of its B*C elements to each; "
+          "GB/s = bytes / median time")
     print(f"% copy: against torch copy_ of {harness.COPY_BYTES[device] >> 20} MiB "
           f"({'device to device' if device == 'cuda' else 'memory to memory'}, read + write "
           f"bytes) measured now: {copy_gbps:.1f} GB/s")
