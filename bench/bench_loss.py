@@ -336,6 +336,8 @@ def run(args):
               f"run from them, so % copy can pass 100); providers take turns of "
               f"{harness.RUN_LENGTH['cpu']} calls; median, min and p20/p80 of single calls")
         print(allocator)
+    print("modes: both logits require grad, so tesloss's forward is its single pass (the "
+          "gradients written) and its backward hands them over; full, the step, compares alike")
     print("max_rel_err: max over loss, grad_vis, grad_txt of max|x - x64| / max|x64| against "
           "the float64 reference on the same inputs")
     print("peak MB: the most memory allocated at once during one more call beyond what was "
