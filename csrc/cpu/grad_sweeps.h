@@ -180,12 +180,13 @@ void backward_row(const scalar_t* vis, const scalar_t* txt, const acc_t* probs, 
 template <int kTarget, typename scalar_t, typename acc_t>
 void step_row(const scalar_t* vis, const scalar_t* txt, const acc_t* probs, int64_t C,
               int64_t label, const RowParams<acc_t>& p, acc_t g, acc_t* out, acc_t* w_vis,
-              acc_t* w_txt, scalar_t* grad_vis, scalar_t* grad_txt, bool stream) {
+              acc_t* w_txt, scalar_t* grad_vis, scalar_t* grad_txt, bool stream,
+              const NextRow<scalar_t, acc_t>& next) {
   acc_t max_vis, max_txt;
   row_maxima(vis, txt, C, max_vis, max_txt);
   double mass = 0;
   const RowState<acc_t> row = sweep_state<false, kTarget, true>(
-      vis, txt, probs, C, p, max_vis, max_txt, mass, w_vis, w_txt);
+      vis, txt, probs, C, p, max_vis, max_txt, mass, w_vis, w_txt, next);
   if (!gaps_finite(row)) {
     forward_row<kTarget>(vis, txt, probs, C, label, p, out);
     backward_row<kTarget>(vis, txt, probs, C, label, grad_row<kTarget>(p, out, g), grad_vis,

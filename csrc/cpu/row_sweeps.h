@@ -32,26 +32,28 @@ using at::vec::Vectorized;
 // the recipe's was 0.8 (docs/DESIGN.md).
 inline constexpr int64_t kRunVectors = 8;
 
-// The forward's second sweep over a row of n columns: the sums of
-// exponentials and the gaps, given the row's maxima, in runs of kRunVectors
-// vectors. The last, partial vector is zero-padded and its padded lanes get
-// weight 0. The weights are the backward's (row_weights.h), of the difference
-// to the max; kStore also writes them to w_vis and w_txt (n each). Each gap term is a weight times a difference the exponent already
-// needed, so the gaps cost one fused multiply-add each. Two things the plain
-// sums cannot take are left to a second, careful sum (kCareful): a weight of 0
-// against an infinite difference (a masked class) makes nan, where the term is
-// 0; and a difference or a lane's gap can overflow where the row's spread is
-// near the largest float. The careful sum takes each difference scaled by
-// kGapScale (tes_loss.h's scaled_gap; the plain one scales the lane sums) and
-// gives a zero weight a zero term, with the forward's own weights, which keep
-// a nan max's nan (where the plain sum has a nan, the row's maxima are finite:
-// a nan or infinite logit makes a nan gap). `probs` is the row's target
-// (kHasProbs only); its sum, Y's mass, is also set in `mass`, to near a
-// double's precision: see forward_row.
+// The forward's second sweep over a row of n columns: the sums of exponentials
+// and the gaps, given the row's maxima, in runs of kRunVectors vectors. The
+// last, partial vector is zero-padded and its padded lanes get weight 0. The
+// weights are the backward's (row_weights.h), of the difference to the max;
+// kStore also writes them to w_vis and w_txt (n each), and the sweep asks for
+// the `next` row meanwhile (vec_io.h's NextRow). Each gap term is a weight
+// times a difference the exponent already needed, so the gaps cost one fused
+// multiply-add each. Two things the plain sums cannot take are left to a
+// second, careful sum (kCareful): a weight of 0 against an infinite difference
+// (a masked class) makes nan, where the term is 0; and a difference or a lane's
+// gap can overflow where the row's spread is near the largest float. The
+// careful sum takes each difference scaled by kGapScale (tes_loss.h's
+// scaled_gap; the plain one scales the lane sums) and gives a zero weight a
+// zero term, with the forward's own weights, which keep a nan max's nan (where
+// the plain sum has a nan, the row's maxima are finite: a nan or infinite logit
+// makes a nan gap). `probs` is the row's target (kHasProbs only); its sum, Y's
+// mass, is also set in `mass`, to near a double's precision: see forward_row.
 template <bool kCareful, int kTarget, bool kStore = false, typename scalar_t, typename acc_t>
 RowState<acc_t> sweep_state(const scalar_t* vis, const scalar_t* txt, const acc_t* probs,
                             int64_t n, const RowParams<acc_t>& p, acc_t max_vis, acc_t max_txt,
-                            double& mass, acc_t* w_vis = nullptr, acc_t* w_txt = nullptr) {
+                            double& mass, acc_t* w_vis = nullptr, acc_t* w_txt = nullptr,
+                            const NextRow<scalar_t, acc_t>& next = {}) {
   static_assert(!(kCareful && kStore), "the careful sum keeps no weights");
   using Vec = Vectorized<acc_t>;
   constexpr int64_t W = Vec::size();
@@ -132,6 +134,7 @@ RowState<acc_t> sweep_state(const scalar_t* vis, const scalar_t* txt, const acc_
   for (int64_t start = 0; start < n_full; start += W * kRunVectors) {
     const int64_t end = std::min(start + W * kRunVectors, n_full);
     for (int64_t j = start; j < end; j += W) {
+      next.fetch(j);
       add(j, load_acc<acc_t>(vis + j), load_acc<acc_t>(txt + j), load_probs(j, W), W);
     }
     end_run();

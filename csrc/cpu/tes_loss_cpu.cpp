@@ -207,10 +207,15 @@ void tes_loss_step_cpu(const StepTensors& t, const Params& params) {
                 w_vis = reinterpret_cast<acc_t*>(grad_vis + i * C);
                 w_txt = reinterpret_cast<acc_t*>(grad_txt + i * C);
               }
+              NextRow<scalar_t, acc_t> next;
+              if (i + 1 < end) {
+                next = {in.vis + (i + 1) * in.vis_stride, in.txt + (i + 1) * in.txt_stride,
+                        row_probs<kTarget>(in, i + 1)};
+              }
               cpu::step_row<kTarget>(in.vis + i * in.vis_stride, in.txt + i * in.txt_stride,
                                      row_probs<kTarget>(in, i), C, label, in.p, g,
                                      stats + i * kNumRowStats, w_vis, w_txt, grad_vis + i * C,
-                                     grad_txt + i * C, stream);
+                                     grad_txt + i * C, stream, next);
             }
           });
           sum_batch<kTarget>(in, t, params);

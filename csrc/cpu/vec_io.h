@@ -77,6 +77,30 @@ inline void store_streaming(T* ptr, const Vectorized<T>& v) {
 inline void streaming_fence() {}
 #endif
 
+// The next row's inputs, asked of memory while this row's exponentials are
+// taken: without it a thread reads a row that is not cached in its maxima
+// sweep, with the memory busy and the vector units idle, then takes the
+// exponentials with the memory idle. fetch(j) asks for the lines at column j;
+// the sweeps call it once per vector. Null pointers ask for nothing.
+template <typename scalar_t, typename acc_t>
+struct NextRow {
+  const scalar_t* vis = nullptr;
+  const scalar_t* txt = nullptr;
+  const acc_t* probs = nullptr;
+  void fetch(int64_t j) const {
+#if defined(__GNUC__) || defined(__clang__)
+    if (vis == nullptr) return;
+    // Locality 2 (the core's L2): a row's inputs at 21843 fp32 classes are
+    // 175 KB, 262 KB with Mixup's probabilities.
+    __builtin_prefetch(vis + j, 0, 2);
+    __builtin_prefetch(txt + j, 0, 2);
+    if (probs != nullptr) __builtin_prefetch(probs + j, 0, 2);
+#else
+    (void)j;
+#endif
+  }
+};
+
 // The last `count` (< one vector) elements of a row, widened to acc_t and
 // padded with zeros to a whole vector.
 template <typename acc_t, typename scalar_t>
