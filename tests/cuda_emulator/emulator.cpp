@@ -18,6 +18,8 @@
 #include <ucontext.h>
 
 #include <algorithm>
+#include <array>
+#include <cstring>
 #include <mutex>
 #include <numeric>
 #include <random>
@@ -41,6 +43,12 @@ constexpr int kMaxThreadsPerBlock = 1024;
 constexpr size_t kStackBytes = size_t(256) << 10;
 constexpr size_t kGuardBytes = size_t(4) << 10;  // a fault, not a silent overwrite, on overflow
 constexpr unsigned char kUnwritten = 0xff;
+constexpr int64_t kChunkBytes = 4096;
+const std::array<unsigned char, kChunkBytes> kUnwrittenChunk = [] {
+  std::array<unsigned char, kChunkBytes> chunk;
+  chunk.fill(kUnwritten);
+  return chunk;
+}();
 
 // Which runnable thread runs next. kRoundRobin: passes over the block's
 // threads in ascending order, each thread running until it waits, so warps
@@ -269,25 +277,22 @@ class WriteCounter {
       const WatchedMemory& m = watched_[k];
       auto* bytes = static_cast<unsigned char*>(m.data);
       const int64_t size = m.elements * m.element_bytes;
-      // Untouched memory is skipped 8 bytes at a time.
-      for (int64_t at = 0; at < size;) {
-        if (at % 8 == 0 && at + 8 <= size) {
-          uint64_t word;
-          std::memcpy(&word, bytes + at, 8);
-          if (word == ~uint64_t(0)) {
-            at += 8;
-            continue;
+      // Every stretch scans all watched memory, so untouched chunks are skipped
+      // by memcmp (vectorized); only a chunk that differs is read per element.
+      // An element across two chunks is looked at twice: the first look
+      // counts it and sets it back to kUnwritten.
+      for (int64_t start = 0; start < size; start += kChunkBytes) {
+        const int64_t length = std::min(kChunkBytes, size - start);
+        if (std::memcmp(bytes + start, kUnwrittenChunk.data(), length) == 0) continue;
+        for (int64_t i = start / m.element_bytes; i * m.element_bytes < start + length; ++i) {
+          unsigned char* element = bytes + i * m.element_bytes;
+          if (std::any_of(element, element + m.element_bytes,
+                          [](unsigned char c) { return c != kUnwritten; })) {
+            counts[i] += 1;
+            std::memcpy(&results_[k][i * m.element_bytes], element, m.element_bytes);
+            std::memset(element, kUnwritten, m.element_bytes);
           }
         }
-        const int64_t i = at / m.element_bytes;
-        unsigned char* element = bytes + i * m.element_bytes;
-        if (std::any_of(element, element + m.element_bytes,
-                        [](unsigned char c) { return c != kUnwritten; })) {
-          counts[i] += 1;
-          std::memcpy(&results_[k][i * m.element_bytes], element, m.element_bytes);
-          std::memset(element, kUnwritten, m.element_bytes);
-        }
-        at = (i + 1) * m.element_bytes;
       }
       counts += m.elements;
     }
