@@ -13,12 +13,12 @@
 // between blocks are not TSan's to find here (the write counts catch two
 // blocks writing one gradient element).
 #include "emulator.h"
+#include "fibers.h"
+#include "write_counter.h"
 
-#include <sys/mman.h>
 #include <ucontext.h>
 
 #include <algorithm>
-#include <array>
 #include <cstring>
 #include <mutex>
 #include <numeric>
@@ -27,28 +27,11 @@
 #include <stdexcept>
 #include <utility>
 
-#if defined(__SANITIZE_THREAD__)
-#include <sanitizer/tsan_interface.h>
-extern "C" void AnnotateIgnoreReadsBegin(const char* file, int line);
-extern "C" void AnnotateIgnoreReadsEnd(const char* file, int line);
-extern "C" void AnnotateIgnoreWritesBegin(const char* file, int line);
-extern "C" void AnnotateIgnoreWritesEnd(const char* file, int line);
-#endif
-
 namespace tesloss_emulator {
 namespace {
 
 constexpr int kWarpSize = 32;
 constexpr int kMaxThreadsPerBlock = 1024;
-constexpr size_t kStackBytes = size_t(256) << 10;
-constexpr size_t kGuardBytes = size_t(4) << 10;  // a fault, not a silent overwrite, on overflow
-constexpr unsigned char kUnwritten = 0xff;
-constexpr int64_t kChunkBytes = 4096;
-const std::array<unsigned char, kChunkBytes> kUnwrittenChunk = [] {
-  std::array<unsigned char, kChunkBytes> chunk;
-  chunk.fill(kUnwritten);
-  return chunk;
-}();
 
 // Which runnable thread runs next. kRoundRobin: passes over the block's
 // threads in ascending order, each thread running until it waits, so warps
@@ -66,34 +49,6 @@ struct Settings {
   bool count_writes = false;
 };
 
-#if defined(__SANITIZE_THREAD__)
-// The emulator's own bookkeeping is shared by all fibers and ordered by the
-// scheduler, which TSan cannot see: it is not checked.
-struct Unchecked {
-  Unchecked() {
-    AnnotateIgnoreReadsBegin(__FILE__, __LINE__);
-    AnnotateIgnoreWritesBegin(__FILE__, __LINE__);
-  }
-  ~Unchecked() {
-    AnnotateIgnoreWritesEnd(__FILE__, __LINE__);
-    AnnotateIgnoreReadsEnd(__FILE__, __LINE__);
-  }
-};
-void tsan_release(void* address) { __tsan_release(address); }
-void tsan_acquire(void* address) { __tsan_acquire(address); }
-void* tsan_current() { return __tsan_get_current_fiber(); }
-void* tsan_create() { return __tsan_create_fiber(0); }
-void tsan_destroy(void* fiber) { __tsan_destroy_fiber(fiber); }
-void tsan_switch(void* fiber) { __tsan_switch_to_fiber(fiber, __tsan_switch_to_fiber_no_sync); }
-#else
-struct Unchecked {};
-void tsan_release(void*) {}
-void tsan_acquire(void*) {}
-void* tsan_current() { return nullptr; }
-void* tsan_create() { return nullptr; }
-void tsan_destroy(void*) {}
-void tsan_switch(void*) {}
-#endif
 
 struct Barrier {
   int expected = 0;
@@ -136,21 +91,9 @@ Settings g_settings;
 std::mutex g_mutex;  // one launch at a time: __shared__ memory is static
 std::vector<std::string> g_launches;
 std::vector<int32_t> g_write_counts;
-std::vector<void*> g_stacks;
 Block* g_block = nullptr;
 Fiber* g_fiber = nullptr;
 char g_done_sync;  // every thread's exit releases here; its block's end acquires
-
-void* stack(size_t i) {
-  while (g_stacks.size() <= i) {
-    void* memory = mmap(nullptr, kStackBytes, PROT_READ | PROT_WRITE,
-                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    if (memory == MAP_FAILED) throw std::runtime_error("tesloss emulator: no memory for a stack");
-    mprotect(memory, kGuardBytes, PROT_NONE);
-    g_stacks.push_back(memory);
-  }
-  return g_stacks[i];
-}
 
 Fiber& running() {
   if (g_fiber == nullptr) {
@@ -255,59 +198,6 @@ std::string deadlock(const Block& b) {
   return out.str();
 }
 
-// Counts the writes of each stretch a thread runs to watched memory, which
-// holds kUnwritten bytes at the start of every stretch: an element with other
-// bytes after it was written. Its value goes to the results, and the element
-// back to kUnwritten; the results are the memory's at the launch's end.
-class WriteCounter {
- public:
-  explicit WriteCounter(std::vector<WatchedMemory> watched) : watched_(std::move(watched)) {
-    if (watched_.empty()) return;  // a launch that writes no watched memory keeps the counts
-    int64_t elements = 0;
-    for (const WatchedMemory& m : watched_) {
-      elements += m.elements;
-      results_.emplace_back(m.elements * m.element_bytes, kUnwritten);
-      std::memset(m.data, kUnwritten, m.elements * m.element_bytes);
-    }
-    g_write_counts.assign(elements, 0);
-  }
-  void after_stretch() {
-    int32_t* counts = g_write_counts.data();
-    for (size_t k = 0; k < watched_.size(); ++k) {
-      const WatchedMemory& m = watched_[k];
-      auto* bytes = static_cast<unsigned char*>(m.data);
-      const int64_t size = m.elements * m.element_bytes;
-      // Every stretch scans all watched memory, so untouched chunks are skipped
-      // by memcmp (vectorized); only a chunk that differs is read per element.
-      // An element across two chunks is looked at twice: the first look
-      // counts it and sets it back to kUnwritten.
-      for (int64_t start = 0; start < size; start += kChunkBytes) {
-        const int64_t length = std::min(kChunkBytes, size - start);
-        if (std::memcmp(bytes + start, kUnwrittenChunk.data(), length) == 0) continue;
-        for (int64_t i = start / m.element_bytes; i * m.element_bytes < start + length; ++i) {
-          unsigned char* element = bytes + i * m.element_bytes;
-          if (std::any_of(element, element + m.element_bytes,
-                          [](unsigned char c) { return c != kUnwritten; })) {
-            counts[i] += 1;
-            std::memcpy(&results_[k][i * m.element_bytes], element, m.element_bytes);
-            std::memset(element, kUnwritten, m.element_bytes);
-          }
-        }
-      }
-      counts += m.elements;
-    }
-  }
-  void finish() {
-    for (size_t k = 0; k < watched_.size(); ++k) {
-      std::memcpy(watched_[k].data, results_[k].data(), results_[k].size());
-    }
-  }
-
- private:
-  const std::vector<WatchedMemory> watched_;
-  std::vector<std::vector<unsigned char>> results_;
-};
-
 std::vector<int> visit_order(int n, std::mt19937_64& random) {
   std::vector<int> order(n);
   std::iota(order.begin(), order.end(), 0);
@@ -333,7 +223,7 @@ void run_block(Block& b, unsigned block_index, WriteCounter* writes, std::mt1993
     f.index.block_idx.x = block_index;
     f.index.block_dim.x = threads;
     f.index.grid_dim.x = b.launch->blocks;
-    f.stack = stack(t);
+    f.stack = fiber_stack(t);
     f.tsan = tsan_create();
     getcontext(&f.context);
     f.context.uc_stack.ss_sp = static_cast<char*>(f.stack) + kGuardBytes;
@@ -441,7 +331,7 @@ void run(const Launch& launch, const std::function<void()>& thread) {
   block.warps.resize(launch.threads / kWarpSize);
   block.scheduler_tsan = tsan_current();
   const bool counting = g_settings.count_writes && !launch.watched.empty();
-  WriteCounter writes(counting ? launch.watched : std::vector<WatchedMemory>{});
+  WriteCounter writes(counting ? launch.watched : std::vector<WatchedMemory>{}, g_write_counts);
   std::mt19937_64 random(g_settings.seed);
   g_block = &block;
   for (int b : visit_order(launch.blocks, random)) {
@@ -460,9 +350,8 @@ extern "C" {
 
 // The emulated device's size (the launch shapes depend on it), the order
 // threads and blocks run in (Order: 0 round robin, 1 high first, 2 shuffled by
-// `seed`),
-// and whether launches that write gradients count each element's writes.
-// Clears the launch log.
+// `seed`), and whether launches that write gradients count each element's
+// writes. Clears the launch log.
 void tesloss_emulator_configure(int64_t sm_count, int64_t threads_per_sm, int32_t order,
                                 uint64_t seed, int32_t count_writes) {
   using namespace tesloss_emulator;
