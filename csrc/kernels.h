@@ -141,9 +141,10 @@ void tes_loss_backward_cuda(const BackwardTensors& t, const Params& params);
 void tes_loss_step_cuda(const StepTensors& t, const Params& params);
 // The single pass's gradients times the upstream gradient grad_loss (one
 // value, or one per row), in place, read on the device: rows whose value is
-// exactly 1 are not touched.
+// exactly 1, and rows that a class index target ignores, are not touched.
 void tes_scale_gradients_cuda(const at::Tensor& grad_vis, const at::Tensor& grad_txt,
-                              const at::Tensor& grad_loss);
+                              const at::Tensor& grad_loss, const at::Tensor& target,
+                              int64_t ignore_index);
 #endif
 
 }  // namespace tesloss

@@ -238,7 +238,8 @@ class TesLossFunction : public torch::autograd::Function<TesLossFunction> {
     const c10::IValue& params = ctx->saved_data["params"];
     if (!at::GradMode::is_enabled()) {  // a plain backward: no graph to record
       at::AutoDispatchBelowADInplaceOrView below_autograd;
-      if (ready && scaled(ready->get(0), ready->get(1), grads[0])) {
+      if (ready && scaled(ready->get(0), ready->get(1), grads[0], saved[2],
+                          read_params(params.toTupleRef().elements(), "tes_loss_backward"))) {
         return {ready->get(0), ready->get(1), {}, {}, {}};
       }
       const Stack out = call_op(
@@ -259,15 +260,17 @@ class TesLossFunction : public torch::autograd::Function<TesLossFunction> {
   // there). On the CPU, where reading it costs no wait, fp16 takes the
   // backward's own pass instead (false) unless it is 1: its gradients below
   // 6e-8 underflowed at 1 where a GradScaler's g would have kept them.
+  // An ignored row's zeros are left as they are, as the two passes and
+  // F.cross_entropy leave them: g times 0 is nan for g = inf and -0 for g < 0.
   static bool scaled(const at::Tensor& grad_vis, const at::Tensor& grad_txt,
-                     const at::Tensor& g) {
+                     const at::Tensor& g, const at::Tensor& target, const Params& p) {
 #if defined(TESLOSS_CUDA_EMULATOR)
-    tes_scale_gradients_cuda(grad_vis, grad_txt, g);
+    tes_scale_gradients_cuda(grad_vis, grad_txt, g, target, p.ignore_index);
     return true;
 #else
 #ifdef WITH_CUDA
     if (grad_vis.is_cuda()) {
-      tes_scale_gradients_cuda(grad_vis, grad_txt, g);
+      tes_scale_gradients_cuda(grad_vis, grad_txt, g, target, p.ignore_index);
       return true;
     }
 #endif
@@ -275,7 +278,11 @@ class TesLossFunction : public torch::autograd::Function<TesLossFunction> {
         g.numel() == 1 ? g.item<double>() == 1.0 : at::all(g == 1).item<bool>();
     if (unit) return true;
     if (grad_vis.scalar_type() == at::kHalf) return false;
-    const at::Tensor factor = g.dim() == 1 ? g.unsqueeze(1) : g;
+    at::Tensor factor = g.dim() == 1 ? g.unsqueeze(1) : g.expand({grad_vis.size(0), 1});
+    if (!target.is_floating_point()) {  // a probability target ignores no row
+      factor = at::where((target == p.ignore_index).unsqueeze(1), at::ones({}, g.options()),
+                         factor);
+    }
     grad_vis.mul_(factor);
     grad_txt.mul_(factor);
     return true;

@@ -63,6 +63,28 @@ def test_an_upstream_gradient_other_than_one(device, dtype, reduction):
         assert torch.equal(got, (at_one.float() * g).to(dtype))
 
 
+@pytest.mark.parametrize("upstream", [float("nan"), float("inf"), -2.5])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_an_ignored_row_gets_zero_gradients_whatever_its_upstream_gradient(
+        device, dtype, reduction, upstream):
+    # As F.cross_entropy's and the two passes': the row adds nothing, so g is
+    # never multiplied into it (0 * nan would be nan, and 0 * -2.5 is -0).
+    vis, txt, target = problem(b=9, c=300, dtype=dtype, device=device)  # row 1 ignored
+    if reduction == "none":  # the odd value at the ignored row only
+        grad_loss = torch.linspace(-3, 3, len(target))
+        grad_loss[1] = upstream
+    else:
+        grad_loss = torch.tensor(upstream)
+    grad_loss = grad_loss.to(device)
+    tesloss.fused_tes_loss(vis, txt, target, reduction=reduction).backward(grad_loss)
+    two = two_passes(vis, txt, target, grad_loss, reduction=reduction)
+    for got, expected in zip((vis.grad, txt.grad), two):
+        assert torch.equal(got[1], torch.zeros_like(got[1]))
+        assert not torch.signbit(got[1]).any()  # +0, the bits of the two passes
+        assert torch.equal(expected[1], got[1])
+
+
 def test_a_second_backward_of_a_retained_graph_gives_the_same_gradients(device):
     vis, txt, target = problem(b=9, c=300, dtype=torch.float32, device=device)
     loss = tesloss.fused_tes_loss(vis, txt, target)

@@ -178,17 +178,22 @@ __global__ void __launch_bounds__(TPR * RPB)
 constexpr int kScaleThreads = 256;
 
 // The single pass's gradients times the upstream gradient g, in place, row by
-// row (g's stride is 0 for "mean" and "sum": one g for the batch); a row whose g is exactly 1, as in a plain
-// loss.backward(), is left as it is, so that a scalar g of 1 costs one read
-// per block. Each product is formed in acc_t and rounded once.
+// row (g's stride is 0 for "mean" and "sum": one g for the batch); a row whose
+// g is exactly 1, as in a plain loss.backward(), is left as it is, so that a
+// scalar g of 1 costs one read per block. So is a row that `labels` (class
+// indices, or null) ignores: its zeros stay +0 whatever g is, as the two
+// passes leave them. Each product is formed in acc_t and rounded once.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kScaleThreads)
-    tes_scale_kernel(const acc_t* __restrict__ g, int64_t g_stride, int64_t B, int64_t C,
+    tes_scale_kernel(const acc_t* __restrict__ g, int64_t g_stride,
+                     const int64_t* __restrict__ labels, int64_t label_stride,
+                     int64_t ignore_index, int64_t B, int64_t C,
                      scalar_t* __restrict__ grad_vis, scalar_t* __restrict__ grad_txt) {
   if (g_stride == 0 && g[0] == acc_t(1)) return;
   for (int64_t row = blockIdx.x; row < B; row += gridDim.x) {
     const acc_t factor = g[row * g_stride];
     if (factor == acc_t(1)) continue;
+    if (labels != nullptr && labels[row * label_stride] == ignore_index) continue;
     for (int64_t col = threadIdx.x; col < C; col += kScaleThreads) {
       const int64_t k = row * C + col;
       grad_vis[k] = static_cast<scalar_t>(static_cast<acc_t>(grad_vis[k]) * factor);
@@ -299,7 +304,8 @@ void tes_loss_step_cuda(const StepTensors& t, const Params& params) {
 }
 
 void tes_scale_gradients_cuda(const at::Tensor& grad_vis, const at::Tensor& grad_txt,
-                              const at::Tensor& grad_loss) {
+                              const at::Tensor& grad_loss, const at::Tensor& target,
+                              int64_t ignore_index) {
   const int64_t B = grad_vis.size(0);
   const int64_t C = grad_vis.size(1);
   if (B == 0 || C == 0) return;
@@ -309,11 +315,15 @@ void tes_scale_gradients_cuda(const at::Tensor& grad_vis, const at::Tensor& grad
   const int blocks = static_cast<int>(
       std::min<int64_t>(B, int64_t(device.sm_count) * device.threads_per_sm / kScaleThreads));
   const int64_t g_stride = grad_loss.dim() == 1 ? grad_loss.stride(0) : 0;
+  const bool indices = !target.is_floating_point();  // a probability target ignores no row
+  const int64_t* labels = indices ? target.const_data_ptr<int64_t>() : nullptr;
+  const int64_t label_stride = indices ? target.stride(0) : 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, grad_vis.scalar_type(), "tes_scale_gradients_cuda", [&] {
         using acc_t = acc_t_of<scalar_t>;
         launch<tes_scale_kernel<scalar_t, acc_t>>(
-            blocks, kScaleThreads, stream, grad_loss.const_data_ptr<acc_t>(), g_stride, B, C,
+            blocks, kScaleThreads, stream, grad_loss.const_data_ptr<acc_t>(), g_stride, labels,
+            label_stride, ignore_index, B, C,
             grad_vis.mutable_data_ptr<scalar_t>(), grad_txt.mutable_data_ptr<scalar_t>());
       });
 }
