@@ -1,6 +1,6 @@
 """The accuracy rule every kernel is held to, and the float64 truth it is held
 against: the recipe (tesloss.reference) run in float64 on the inputs as a kernel
-reads them. The test suite and ``python -m tesloss.check`` both use it; a
+reads them, its values refined in long double for float64 inputs. The test suite and ``python -m tesloss.check`` both use it; a
 failure raises AssertionError with what erred, by how much, and the bound.
 """
 import dataclasses
@@ -9,6 +9,7 @@ import math
 import torch
 
 from .. import _ops
+from . import extended
 from ..functional import fused_tes_loss
 from ..reference import tes_loss as reference_tes_loss
 from .cases import on_device
@@ -23,9 +24,10 @@ from .cases import on_device
 # log(sum_txt), each sum >= 1 and so rounded in ulps of 1, whence 1 + lambda_t
 # per row; every gradient is g times a difference of probabilities, resolved
 # in ulps of g, the largest upstream gradient (times lambda_t / tau for the
-# text logits). float64 has no truth more
-# precise than the recipe in float64 at hand, so there the floor is FLOOR_ULPS
-# units of float64 times the size of what rounding acts on (scales) instead.
+# text logits). For float64 there is no recipe in a narrower dtype to compare
+# with: the truth is the closed form in long double (extended.py), and the
+# bound FLOOR_ULPS units of float64 times the size of what rounding acts on
+# (scales).
 # Rows near zero loss, where this rule is loose, have rules of their own
 # (test_numerics.py): every row loss >= 0, and batches of confident rows.
 #
@@ -70,10 +72,13 @@ def run(loss_fn, case, dtype=None, device="cpu", **extra):
 
 def run_reference64(case, dtype=torch.float64):
     """The float64 truth: the recipe in float64 on the case's logits as a kernel reads
-    them in `dtype` (rounded to it), so that no error of the inputs counts."""
+    them in `dtype` (rounded to it), so that no error of the inputs counts. For
+    float64 logits its finite values come from the closed form in long double
+    (extended.py): the recipe's own float64 error can pass the float64 rule."""
     rounded = dataclasses.replace(case, vis_logits=case.vis_logits.to(dtype),
                                   txt_logits=case.txt_logits.to(dtype))
-    return run(reference_tes_loss, rounded, torch.float64)
+    recipe = run(reference_tes_loss, rounded, torch.float64)
+    return extended.refined(case, dtype, recipe) if dtype == torch.float64 else recipe
 
 
 def scales(case):
