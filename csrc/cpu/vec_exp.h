@@ -34,8 +34,8 @@ inline float tes_exp_unflushed(float x) { return ::expf(x); }
 #define TESLOSS_VEC_EXP2 1
 // p(f) ~ 2^f on [-1/2, 1/2], highest degree first, as Horner's rule applies them.
 inline constexpr float kExp2Coefficients[] = {
-    0.0001575560017954558f, 0.0013388794614002109f, 0.009617256000638008f,
-    0.055503591895103455f,  0.24022650718688965f,   0.6931471824645996f,
+    0.00015755544882267714f, 0.0013388795778155327f, 0.009617256000638008f,
+    0.055503591895103455f,   0.24022650718688965f,   0.6931471824645996f,
     1.0f,
 };
 #endif
