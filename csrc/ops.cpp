@@ -238,8 +238,7 @@ class TesLossFunction : public torch::autograd::Function<TesLossFunction> {
     const c10::IValue& params = ctx->saved_data["params"];
     if (!at::GradMode::is_enabled()) {  // a plain backward: no graph to record
       at::AutoDispatchBelowADInplaceOrView below_autograd;
-      if (ready && scaled(ready->get(0), ready->get(1), grads[0], saved[2],
-                          read_params(params.toTupleRef().elements(), "tes_loss_backward"))) {
+      if (ready && scaled(ready->get(0), ready->get(1), grads[0], saved[2], params)) {
         return {ready->get(0), ready->get(1), {}, {}, {}};
       }
       const Stack out = call_op(
@@ -263,14 +262,19 @@ class TesLossFunction : public torch::autograd::Function<TesLossFunction> {
   // An ignored row's zeros are left as they are, as the two passes and
   // F.cross_entropy leave them: g times 0 is nan for g = inf and -0 for g < 0.
   static bool scaled(const at::Tensor& grad_vis, const at::Tensor& grad_txt,
-                     const at::Tensor& g, const at::Tensor& target, const Params& p) {
+                     const at::Tensor& g, const at::Tensor& target,
+                     const c10::IValue& params) {
+    // Read only past the g = 1 test on the CPU: a plain loss.backward() needs none.
+    const auto ignore_index = [&] {
+      return read_params(params.toTupleRef().elements(), "tes_loss_backward").ignore_index;
+    };
 #if defined(TESLOSS_CUDA_EMULATOR)
-    tes_scale_gradients_cuda(grad_vis, grad_txt, g, target, p.ignore_index);
+    tes_scale_gradients_cuda(grad_vis, grad_txt, g, target, ignore_index());
     return true;
 #else
 #ifdef WITH_CUDA
     if (grad_vis.is_cuda()) {
-      tes_scale_gradients_cuda(grad_vis, grad_txt, g, target, p.ignore_index);
+      tes_scale_gradients_cuda(grad_vis, grad_txt, g, target, ignore_index());
       return true;
     }
 #endif
@@ -280,7 +284,7 @@ class TesLossFunction : public torch::autograd::Function<TesLossFunction> {
     if (grad_vis.scalar_type() == at::kHalf) return false;
     at::Tensor factor = g.dim() == 1 ? g.unsqueeze(1) : g.expand({grad_vis.size(0), 1});
     if (!target.is_floating_point()) {  // a probability target ignores no row
-      factor = at::where((target == p.ignore_index).unsqueeze(1), at::ones({}, g.options()),
+      factor = at::where((target == ignore_index()).unsqueeze(1), at::ones({}, g.options()),
                          factor);
     }
     grad_vis.mul_(factor);

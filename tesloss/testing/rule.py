@@ -1,7 +1,7 @@
 """The accuracy rule every kernel is held to, and the float64 truth it is held
 against: the recipe (tesloss.reference) run in float64 on the inputs as a kernel
-reads them, its values refined in long double for float64 inputs. The test suite and ``python -m tesloss.check`` both use it; a
-failure raises AssertionError with what erred, by how much, and the bound.
+reads them, its values refined in long double for float64 inputs. The test
+suite and ``python -m tesloss.check`` both use it; a failure raises AssertionError with what erred, by how much, and the bound.
 """
 import dataclasses
 import math
