@@ -30,6 +30,14 @@ settings.register_profile("fuzz", parent=settings.get_profile("ci"), derandomize
 settings.register_profile("gpu", parent=settings.get_profile("ci"), max_examples=50)
 settings.load_profile(os.environ.get("TESLOSS_HYPOTHESIS_PROFILE") or "ci")
 
+# Each pytest-xdist worker takes its share of the cores. At torch's default, one
+# OpenMP thread per core in every worker, each worker's threads spin-wait on cores
+# the other worker is using, and the CPU cases ran several times slower. Tests of
+# how rows split between threads set the thread count themselves.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if WORKERS > 1:
+    torch.set_num_threads(max(1, torch.get_num_threads() // WORKERS))
+
 # Every property runs on each of these (pytorch_scatter's `devices` list): the
 # CPU kernels; the CUDA kernels on the host emulator, where a C++ compiler can
 # build it (tests/emulated_cuda.py); and a GPU's, where there is one. Tests of
