@@ -6,7 +6,8 @@ PY := $(VENV)/bin/python
 export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 FUZZ_MINUTES ?= 20
 # pytest-xdist workers for `make test`: the emulated CUDA device runs one thread, so a
-# second worker uses the second core (on the 2-core CI machine, 15 min against 18).
+# second worker uses the second core (tests/conftest.py gives each worker its share of
+# torch's threads).
 TEST_WORKERS ?= 2
 
 .PHONY: install test fuzz bench clean

@@ -79,7 +79,7 @@ def device(request):
 
 
 def for_the_emulator(device, full, scaled):
-    """`full` on every device but the emulated CUDA one, which runs about a million
+    """`full` on every device but the emulated CUDA one, which runs a few million
     elements a second: there `scaled`, which the case's comment says still reaches
     what `full` is there for."""
     return scaled if isinstance(device, EmulatedCuda) else full

@@ -1,4 +1,4 @@
-// The emulator's scheduler (emulator.h): a block's threads as ucontext fibers
+// The emulator's scheduler (emulator.h): a block's threads as fibers (fibers.h)
 // on one OS thread, run one at a time in an Order, each until it waits at a
 // barrier or returns. A barrier releases when all of its threads have arrived;
 // a block in which no thread can run, but some have not returned, deadlocks.
@@ -15,8 +15,6 @@
 #include "emulator.h"
 #include "fibers.h"
 #include "write_counter.h"
-
-#include <ucontext.h>
 
 #include <algorithm>
 #include <cstring>
@@ -58,7 +56,7 @@ struct Barrier {
 };
 
 struct Fiber {
-  ucontext_t context;
+  Context context;
   void* stack = nullptr;
   ThreadIndex index;
   Barrier* waiting = nullptr;  // and the generation it waits to see end
@@ -81,7 +79,7 @@ struct Block {
   std::vector<Fiber> fibers;
   std::vector<Warp> warps;
   Barrier barrier;
-  ucontext_t scheduler;
+  Context scheduler;
   void* scheduler_tsan = nullptr;
   std::string error;
   bool aborting = false;  // after an error: the threads left unwind their stacks
@@ -111,14 +109,14 @@ std::string where(const Block& b, const Fiber& f) {
 
 void to_scheduler(Fiber& f, Block& b) {
   tsan_switch(b.scheduler_tsan);
-  swapcontext(&f.context, &b.scheduler);
+  switch_context(f.context, b.scheduler);
 }
 
 void to_fiber(Block& b, Fiber& f) {
   g_fiber = &f;
   f.waiting = nullptr;
   tsan_switch(f.tsan);
-  swapcontext(&b.scheduler, &f.context);
+  switch_context(b.scheduler, f.context);
   g_fiber = nullptr;
 }
 
@@ -149,9 +147,9 @@ void arrive_and_wait(Barrier& b) {
   tsan_acquire(&b.sync[generation % 2]);
 }
 
-void fiber_main(int index) {
+void fiber_main() {
   Block& b = *g_block;
-  Fiber& f = b.fibers[index];
+  Fiber& f = running();
   std::string error;
   try {
     if (!b.aborting) (*b.thread)();
@@ -164,7 +162,7 @@ void fiber_main(int index) {
   // Ended before the thread is: TSan reports a thread that ends ignoring. So the
   // release comes last but the switch, which reads nothing of the scheduler's.
   void* scheduler_tsan = nullptr;
-  ucontext_t* scheduler = nullptr;
+  Context* scheduler = nullptr;
   {
     Unchecked unchecked;
     if (!error.empty() && b.error.empty()) b.error = error;
@@ -174,7 +172,7 @@ void fiber_main(int index) {
   }
   tsan_release(&g_done_sync);
   tsan_switch(scheduler_tsan);
-  swapcontext(&f.context, scheduler);  // never resumed
+  switch_context(f.context, *scheduler);  // never resumed
 }
 
 std::string deadlock(const Block& b) {
@@ -225,11 +223,8 @@ void run_block(Block& b, unsigned block_index, WriteCounter* writes, std::mt1993
     f.index.grid_dim.x = b.launch->blocks;
     f.stack = fiber_stack(t);
     f.tsan = tsan_create();
-    getcontext(&f.context);
-    f.context.uc_stack.ss_sp = static_cast<char*>(f.stack) + kGuardBytes;
-    f.context.uc_stack.ss_size = kStackBytes - kGuardBytes;
-    f.context.uc_link = nullptr;
-    makecontext(&f.context, reinterpret_cast<void (*)()>(&fiber_main), 1, t);
+    start_context(f.context, static_cast<char*>(f.stack) + kGuardBytes,
+                  kStackBytes - kGuardBytes, &fiber_main);
   }
   const std::vector<int> priority = visit_order(threads, random);
   int left = threads;
