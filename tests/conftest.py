@@ -7,6 +7,7 @@ import os
 import shutil
 
 import emulated_cuda
+import filelock
 import pytest
 import torch
 from emulated_cuda import EMULATED_CUDA, EmulatedCuda, describe
@@ -52,10 +53,30 @@ if torch.cuda.is_available():
 
 
 @pytest.fixture(scope="session")
-def emulator(tmp_path_factory):
+def shared_build(tmp_path_factory):
+    """shared_build(name) -> (folder, lock): a folder that every pytest-xdist worker
+    of this run sees, and a lock to build in it under. A library the tests compile
+    is then compiled once per run, not once per worker: each compile of the
+    emulator or of the schedules took a core for over a minute."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the run's pytest-N, above each worker's popen-gwK
+
+    def folder_and_lock(name):
+        folder = base / name
+        folder.mkdir(exist_ok=True)
+        return folder, filelock.FileLock(str(base / f"{name}.lock"))
+
+    return folder_and_lock
+
+
+@pytest.fixture(scope="session")
+def emulator(shared_build):
     """The emulated CUDA op and the emulator's controls, built from the working tree."""
+    folder, lock = shared_build("cuda_emulator")
     try:
-        return emulated_cuda.build(tmp_path_factory.mktemp("cuda_emulator"))
+        with lock:  # the second worker finds it built: ninja has nothing to do
+            return emulated_cuda.build(folder)
     except emulated_cuda.NoCompiler as error:
         pytest.skip(str(error))
     except RuntimeError as error:

@@ -63,7 +63,7 @@ class Rows(ctypes.Structure):
 
 
 @pytest.fixture(scope="session")
-def schedules(tmp_path_factory):
+def schedules(shared_build):
     """tests/cuda_schedules_on_host.cu built by nvcc as a host library. Where
     tesloss has CUDA kernels, nvcc built them, so it must be found here too."""
     nvcc = shutil.which("nvcc")
@@ -72,7 +72,15 @@ def schedules(tmp_path_factory):
             pytest.fail("tesloss has CUDA kernels, but nvcc is not on the PATH to build "
                         "their thread schedules for the host")
         pytest.skip("nvcc is not on the PATH")
-    library = tmp_path_factory.mktemp("schedules") / "schedules.so"
+    folder, lock = shared_build("schedules")
+    library = folder / "schedules.so"
+    with lock:
+        if not library.exists():
+            _compile_schedules(nvcc, library)
+    return ctypes.CDLL(str(library))
+
+
+def _compile_schedules(nvcc, library):
     torch_include = os.path.join(os.path.dirname(torch.__file__), "include")
     # -fno-strict-aliasing: under nvcc, c10::BFloat16's conversion to float reads
     # its bits through an __nv_bfloat16 lvalue. In host code gcc may then drop the
@@ -86,7 +94,6 @@ def schedules(tmp_path_factory):
         capture_output=True, text=True)
     if build.returncode != 0:
         pytest.fail(f"nvcc could not build the schedules for the host:\n{build.stderr}")
-    return ctypes.CDLL(str(library))
 
 
 def unit_class_stride(logits):

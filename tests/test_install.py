@@ -211,16 +211,24 @@ def test_the_public_functions_are_typed_and_the_package_says_so():
 
 # The first-use build's cache: import never fails because of it. One copy of the
 # package serves these tests, with a temporary directory of its own (TMPDIR), so the
-# build that the unwritable cache sends there is compiled once.
+# build that the unwritable cache sends there is compiled once, by whichever
+# pytest-xdist worker comes first; the others read what that first import printed.
 @pytest.fixture(scope="module")
-def cache_copy(tmp_path_factory):
-    base = tmp_path_factory.mktemp("cache")
-    _copy_of_the_package(base, sources=True)
-    (base / "tmp").mkdir(mode=0o700)
-    unwritable = base / "unwritable"
-    unwritable.mkdir(mode=0o555)
+def cache_copy(shared_build):
+    base, lock = shared_build("first_use_cache")
     env = {"TESLOSS_NO_CUDA": "1", "TMPDIR": str(base / "tmp")}
-    first = _run_the_copy(base, unprivileged=True, TORCH_EXTENSIONS_DIR=str(unwritable), **env)
+    printed = base / "first_import.json"
+    with lock:
+        if not printed.exists():
+            _copy_of_the_package(base, sources=True)
+            (base / "tmp").mkdir(mode=0o700)
+            unwritable = base / "unwritable"
+            unwritable.mkdir(mode=0o555)
+            done = _run_the_copy(base, unprivileged=True, TORCH_EXTENSIONS_DIR=str(unwritable),
+                                 **env)
+            printed.write_text(json.dumps({"returncode": done.returncode,
+                                           "stdout": done.stdout, "stderr": done.stderr}))
+    first = subprocess.CompletedProcess([], **json.loads(printed.read_text()))
     return base, env, first
 
 
