@@ -82,7 +82,9 @@ def _ahead_of_time():
             os.environ["TORCH_CUDA_ARCH_LIST"] = _build.cuda_archs()
         common["include_dirs"] += _build.wheel_cuda_include_dirs(CUDA_HOME)
         extension = CUDAExtension(extra_compile_args={"cxx": _build.cxx_flags(capability, True),
-                                                      "nvcc": _build.NVCC_FLAGS}, **common)
+                                                      "nvcc": _build.nvcc_flags(
+                                                          os.environ["TORCH_CUDA_ARCH_LIST"])},
+                                 **common)
     else:
         extension = CppExtension(extra_compile_args={"cxx": _build.cxx_flags(capability, False)},
                                  **common)

@@ -146,6 +146,19 @@ def cuda_plan(for_jit):
     return True, None
 
 
+def nvcc_flags(archs):
+    """NVCC_FLAGS, and --threads for the architectures in `archs`: the CUDA kernels
+    are one .cu file, which nvcc otherwise compiles for one architecture after the
+    other (sm_80 and sm_90 on a 2-core VM: 4.8 minutes, 2.7 with --threads 2).
+    MAX_JOBS caps it, as it caps ninja's jobs."""
+    try:
+        jobs = int(os.environ.get("MAX_JOBS", ""))
+    except ValueError:
+        jobs = os.cpu_count() or 1
+    threads = min(len([arch for arch in archs.split(";") if arch.strip()]), jobs)
+    return NVCC_FLAGS + (["--threads", str(threads)] if threads > 1 else [])
+
+
 def cuda_archs():
     """TORCH_CUDA_ARCH_LIST, else the visible GPUs', else DEFAULT_CUDA_ARCHS."""
     import torch
@@ -321,7 +334,8 @@ def _build_into(folder, name, root, capability, cuda, archs, verbose):
         with _Progress(f"compiling its {kernels} kernels for torch {build_record()['torch']} "
                        f"on first use, into {folder}", f"built its {kernels} kernels"):
             return load(name, compiled_sources(root, cuda), extra_cflags=cxx_flags(capability, cuda),
-                        extra_cuda_cflags=NVCC_FLAGS if cuda else None, extra_ldflags=LDFLAGS,
+                        extra_cuda_cflags=nvcc_flags(archs) if cuda else None,
+                        extra_ldflags=LDFLAGS,
                         extra_include_paths=include, build_directory=folder, verbose=verbose,
                         with_cuda=cuda)
     except (RuntimeError, OSError, ImportError) as error:

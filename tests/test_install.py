@@ -69,6 +69,15 @@ def test_the_first_use_build_name_changes_with_anything_the_binary_depends_on(tm
         str(CSRC), "avx2", False, "")
 
 
+def test_nvcc_compiles_the_architectures_at_once_within_max_jobs(monkeypatch):
+    monkeypatch.setenv("MAX_JOBS", "2")
+    assert _build.nvcc_flags("9.0") == _build.NVCC_FLAGS
+    assert _build.nvcc_flags("8.0;9.0") == _build.NVCC_FLAGS + ["--threads", "2"]
+    assert _build.nvcc_flags("8.0;9.0;10.0;") == _build.NVCC_FLAGS + ["--threads", "2"]
+    monkeypatch.setenv("MAX_JOBS", "1")
+    assert _build.nvcc_flags("8.0;9.0") == _build.NVCC_FLAGS
+
+
 @pytest.mark.skipif(torch.version.cuda is None, reason="a torch without CUDA compiles no CUDA kernels")
 def test_the_cuda_kernels_are_skipped_with_the_reason(monkeypatch):
     from torch.utils import cpp_extension
