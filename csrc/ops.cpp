@@ -194,6 +194,14 @@ class TesLossBackwardFunction : public torch::autograd::Function<TesLossBackward
   }
 };
 
+// The value of a one-element CPU tensor, read from its memory where it is the
+// loss's dtype: Tensor::item goes through the dispatcher, a cost in every step.
+[[maybe_unused]] double cpu_scalar(const at::Tensor& g) {
+  if (g.scalar_type() == at::kFloat) return *g.const_data_ptr<float>();
+  if (g.scalar_type() == at::kDouble) return *g.const_data_ptr<double>();
+  return g.item<double>();
+}
+
 // Autograd for the forward op, for every device, bound in C++ rather than with
 // torch.library.register_autograd, whose Python wrapper costs more than the
 // whole CPU kernel at small shapes (docs/DESIGN.md). With `single_pass`, the
@@ -234,17 +242,18 @@ class TesLossFunction : public torch::autograd::Function<TesLossFunction> {
       ctx->saved_data.erase(found);
     }
     if (!grads[0].defined()) return {{}, {}, {}, {}, {}};  // no gradient reached the loss
-    const auto saved = ctx->get_saved_variables();
     const c10::IValue& params = ctx->saved_data["params"];
     if (!at::GradMode::is_enabled()) {  // a plain backward: no graph to record
       at::AutoDispatchBelowADInplaceOrView below_autograd;
-      if (ready && scaled(ready->get(0), ready->get(1), grads[0], saved[2], params)) {
+      if (ready && scaled(ready->get(0), ready->get(1), grads[0], ctx, params)) {
         return {ready->get(0), ready->get(1), {}, {}, {}};
       }
+      const auto saved = ctx->get_saved_variables();
       const Stack out = call_op(
           backward_op(), {grads[0], saved[0], saved[1], saved[2], saved[3], saved[4]}, params);
       return {out[0].toTensor(), out[1].toTensor(), {}, {}, {}};
     }
+    const auto saved = ctx->get_saved_variables();
     auto out = TesLossBackwardFunction::apply(grads[0], saved[0], saved[1], saved[2], saved[3],
                                               saved[4], params);
     return {out[0], out[1], {}, {}, {}};
@@ -262,29 +271,31 @@ class TesLossFunction : public torch::autograd::Function<TesLossFunction> {
   // An ignored row's zeros are left as they are, as the two passes and
   // F.cross_entropy leave them: g times 0 is nan for g = inf and -0 for g < 0.
   static bool scaled(const at::Tensor& grad_vis, const at::Tensor& grad_txt,
-                     const at::Tensor& g, const at::Tensor& target,
+                     const at::Tensor& g, torch::autograd::AutogradContext* ctx,
                      const c10::IValue& params) {
-    // Read only past the g = 1 test on the CPU: a plain loss.backward() needs none.
+    // Read only past the g = 1 test on the CPU: a plain loss.backward() needs
+    // neither (unpacking the saved tensors costs a few microseconds a step).
+    const auto target = [&] { return ctx->get_saved_variables()[2]; };
     const auto ignore_index = [&] {
       return read_params(params.toTupleRef().elements(), "tes_loss_backward").ignore_index;
     };
 #if defined(TESLOSS_CUDA_EMULATOR)
-    tes_scale_gradients_cuda(grad_vis, grad_txt, g, target, ignore_index());
+    tes_scale_gradients_cuda(grad_vis, grad_txt, g, target(), ignore_index());
     return true;
 #else
 #ifdef WITH_CUDA
     if (grad_vis.is_cuda()) {
-      tes_scale_gradients_cuda(grad_vis, grad_txt, g, target, ignore_index());
+      tes_scale_gradients_cuda(grad_vis, grad_txt, g, target(), ignore_index());
       return true;
     }
 #endif
-    const bool unit =
-        g.numel() == 1 ? g.item<double>() == 1.0 : at::all(g == 1).item<bool>();
+    const bool unit = g.numel() == 1 ? cpu_scalar(g) == 1.0 : at::all(g == 1).item<bool>();
     if (unit) return true;
     if (grad_vis.scalar_type() == at::kHalf) return false;
     at::Tensor factor = g.dim() == 1 ? g.unsqueeze(1) : g.expand({grad_vis.size(0), 1});
-    if (!target.is_floating_point()) {  // a probability target ignores no row
-      factor = at::where((target == ignore_index()).unsqueeze(1), at::ones({}, g.options()),
+    const at::Tensor labels = target();
+    if (!labels.is_floating_point()) {  // a probability target ignores no row
+      factor = at::where((labels == ignore_index()).unsqueeze(1), at::ones({}, g.options()),
                          factor);
     }
     grad_vis.mul_(factor);
