@@ -155,7 +155,7 @@ def nvcc_flags(archs):
         jobs = int(os.environ.get("MAX_JOBS", ""))
     except ValueError:
         jobs = os.cpu_count() or 1
-    threads = min(len([arch for arch in archs.split(";") if arch.strip()]), jobs)
+    threads = min(len(_arch_set(archs)), jobs)
     return NVCC_FLAGS + (["--threads", str(threads)] if threads > 1 else [])
 
 
@@ -165,11 +165,17 @@ def cuda_archs():
 
     archs = os.environ.get("TORCH_CUDA_ARCH_LIST")
     if archs:
-        return ";".join(sorted(set(archs.replace(" ", ";").split(";")) - {""}))
+        return ";".join(sorted(_arch_set(archs)))
     if torch.cuda.is_available():
         found = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
         return ";".join(f"{major}.{minor}" for major, minor in sorted(found))
     return DEFAULT_CUDA_ARCHS
+
+
+def _arch_set(archs):
+    """The architectures a TORCH_CUDA_ARCH_LIST names: torch takes spaces as well as
+    semicolons between them."""
+    return set(archs.replace(" ", ";").split(";")) - {""}
 
 
 def build_record():

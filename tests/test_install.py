@@ -74,6 +74,7 @@ def test_nvcc_compiles_the_architectures_at_once_within_max_jobs(monkeypatch):
     assert _build.nvcc_flags("9.0") == _build.NVCC_FLAGS
     assert _build.nvcc_flags("8.0;9.0") == _build.NVCC_FLAGS + ["--threads", "2"]
     assert _build.nvcc_flags("8.0;9.0;10.0;") == _build.NVCC_FLAGS + ["--threads", "2"]
+    assert _build.nvcc_flags("8.0 9.0") == _build.NVCC_FLAGS + ["--threads", "2"]
     monkeypatch.setenv("MAX_JOBS", "1")
     assert _build.nvcc_flags("8.0;9.0") == _build.NVCC_FLAGS
 
