@@ -158,7 +158,8 @@ def _check(vis_logits, txt_logits, target, tau, lambda_v, lambda_t, ignore_index
 
 
 # A tau at least this large has a finite 1 / tau in every accumulation dtype, so the
-# per-dtype test can be skipped (the kernels' least tau is 4.2e-39, for fp32).
+# per-dtype test can be skipped (the kernels' least tau is 4.2e-39, for fp32). Without
+# the library there is no least tau, but the bound must still refuse tau = 0.
 _TAU_FITS_EVERY_DTYPE = max(_ops._MIN_TAU.values(), default=0.0) or math.ulp(0.0)
 
 
